@@ -1,0 +1,587 @@
+"""A decoder-only transformer that loads Hugging Face checkpoints, written out top to bottom.
+
+One `Transformer` covers the families the BADIT paper uses: Llama (incl. Llama-3 rope scaling),
+Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Gemma-2 (scaled embeddings, (1 + w) norms,
+extra norms, soft-capping, sliding windows). Module names follow Hugging Face's, so a checkpoint's
+tensor `model.layers.3.mlp.gate_proj.weight` is our `layers.3.mlp.gate_proj.weight`, and adapters
+target the same names PEFT users know (`gate_proj`).
+
+Public API:
+    load_model(path, device=None, dtype=None) -> Transformer
+    load_tokenizer(path) -> Tokenizer
+    model(input_ids, attention_mask=None) -> logits (B, L, vocab)
+    generate(model, input_ids, attention_mask=None, max_new_tokens=50, eos_token_id=None) -> ids
+
+Batches are left-padded: attention_mask is 0 on the padding at the start of a row, and positions
+count real tokens only, so a row computes the same thing whatever padding it sits beside.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelArgs:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    dim: int = 4096  # hidden_size
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32  # fewer than n_heads: grouped-query attention
+    head_dim: int = 128
+    hidden_dim: int = 11008  # intermediate_size of the MLP
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", "factor": ..., ...}
+    tie_embeddings: bool = False
+    activation: str = "silu"  # or "gelu_pytorch_tanh" (Gemma-2)
+    qkv_bias: bool = False  # Qwen2
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head's queries and keys before rope
+    attn_scale: float | None = None  # None: 1 / sqrt(head_dim); Gemma-2: 1 / sqrt(query_pre_attn_scalar)
+    sliding_window: int | None = None
+    sliding_layers: list[bool] = field(default_factory=list)  # which layers use the window
+    # Gemma-2
+    gemma_norms: bool = False  # RMSNorm scales by (1 + w); extra norms after attention and MLP
+    embed_scale: bool = False  # embeddings multiplied by sqrt(dim)
+    attn_softcap: float | None = None  # logits <- cap * tanh(logits / cap)
+    final_softcap: float | None = None
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> ModelArgs:
+        """Translate a Hugging Face config.json (old `rope_scaling` or new `rope_parameters`)."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"{source}: model_type {model_type!r} is not supported; "
+                f"supported types: {', '.join(SUPPORTED_MODEL_TYPES)}."
+            )
+
+        def need(key):
+            if key not in cfg:
+                raise ValueError(f"{source}: field {key!r} is missing; it is needed for a {model_type} model.")
+            return cfg[key]
+
+        dim, n_heads, n_layers = need("hidden_size"), need("num_attention_heads"), need("num_hidden_layers")
+        rope = dict(cfg.get("rope_parameters") or {})
+        rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope.update(cfg.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default, linear, llama3).")
+        rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+
+        sliding_window = cfg.get("sliding_window")
+        layer_types = cfg.get("layer_types")
+        if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+            sliding_window = None
+        if layer_types is None:  # older configs: derive what transformers derives
+            if model_type == "gemma2":
+                layer_types = ["sliding_attention" if i % 2 == 0 else "full" for i in range(n_layers)]
+            elif model_type in ("qwen2", "qwen3"):
+                first = cfg.get("max_window_layers", n_layers)
+                layer_types = ["sliding_attention" if i >= first else "full" for i in range(n_layers)]
+            else:  # mistral: every layer when a window is set; llama: none
+                layer_types = ["sliding_attention" if model_type == "mistral" else "full"] * n_layers
+        sliding_layers = [sliding_window is not None and t == "sliding_attention" for t in layer_types]
+
+        gemma = model_type == "gemma2"
+        head_dim = cfg.get("head_dim") or dim // n_heads
+        attention_bias = cfg.get("attention_bias", False)
+        return cls(
+            model_type=model_type,
+            vocab_size=need("vocab_size"),
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=head_dim,
+            hidden_dim=need("intermediate_size"),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            tie_embeddings=cfg.get("tie_word_embeddings", gemma),
+            activation=(cfg.get("hidden_activation") if gemma else None) or cfg.get("hidden_act", "silu"),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            mlp_bias=cfg.get("mlp_bias", False),
+            qk_norm=model_type == "qwen3",
+            attn_scale=cfg["query_pre_attn_scalar"] ** -0.5 if gemma else None,
+            sliding_window=sliding_window,
+            sliding_layers=sliding_layers,
+            gemma_norms=gemma,
+            embed_scale=gemma,
+            attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
+            final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
+        )
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) of rotary embeddings, with linear or Llama-3 scaling."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = args.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # Llama-3: slow down low frequencies by `factor`, keep high ones, interpolate in between.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class Routing:
+    """What the adapters of badit.py need about the current batch beyond their input (SPEC section 4).
+
+    One instance per model (`model.routing`), written by `Transformer.forward` and read by the
+    adapted linears, which hold a reference to it: no global state, so two models in one process
+    never see each other's batch. It stays set after forward returns, so that activation
+    checkpointing recomputes the same gates during backward.
+      mask:     (B, L) 1 on the positions a router averages over (the prompt); None while decoding
+                with a KV cache, when each adapter reuses the gate it stored in `gates` at prefill.
+      task_ids: (B,) task index per sequence (CGC-LoRA's per-task gate), or None.
+      gates:    adapter -> gate computed for the current sequences.
+    """
+
+    def __init__(self):
+        self.mask: torch.Tensor | None = None
+        self.task_ids: torch.Tensor | None = None
+        self.gates: dict = {}
+
+    def begin(self, mask: torch.Tensor, task_ids: torch.Tensor | None):
+        self.mask, self.task_ids, self.gates = mask, task_ids, {}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, add_one: bool = False):
+        super().__init__()
+        self.eps, self.add_one = eps, add_one
+        self.weight = nn.Parameter(torch.zeros(dim) if add_one else torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.add_one:  # Gemma: scale by (1 + w) in float32, then cast
+            return (h * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * h.type_as(x)  # Llama: cast, then scale
+
+
+class KVCache:
+    """Keys and values of every layer for up to max_len positions, filled left to right."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype):
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.length = 0  # positions filled; advanced by Transformer.forward after all layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def attention(q, k, v, mask, scale: float, softcap: float | None):
+    """q (B, H, L, hd); k, v (B, Hkv, T, hd); mask (B, 1, L, T), True where a query may look."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    # Gemma-2 soft-caps the attention logits, which SDPA cannot do: write attention out.
+    groups = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, args.n_heads, args.n_kv_heads, args.head_dim
+        self.scale = args.attn_scale or args.head_dim**-0.5
+        self.softcap = args.attn_softcap
+        self.window = args.sliding_window if args.sliding_layers[layer] else None
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, T, hd) with T = past + L
+        y = attention(q, k, v, mask, self.scale, self.softcap)  # (B, H, L, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.activation not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"config.json: activation {args.activation!r} is not supported (silu, gelu_pytorch_tanh).")
+        self.gelu = args.activation == "gelu_pytorch_tanh"
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
+
+    def forward(self, x):
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.gemma = args.gemma_norms
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps, args.gemma_norms)
+        # Hugging Face's names: in Llama, `post_attention_layernorm` is the norm *before* the MLP;
+        # Gemma-2 normalises the attention output with it and adds two norms around the MLP.
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps, args.gemma_norms)
+        if args.gemma_norms:
+            self.pre_feedforward_layernorm = RMSNorm(args.dim, args.norm_eps, add_one=True)
+            self.post_feedforward_layernorm = RMSNorm(args.dim, args.norm_eps, add_one=True)
+
+    def forward(self, x, cos, sin, masks, cache):
+        mask = masks[self.self_attn.window]
+        if self.gemma:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_masks(attention_mask, past: int, L: int, windows: set) -> dict:
+    """Causal + padding (+ sliding window) masks (B, 1, L, T), one per window size (None: full).
+
+    Query i (at cache index past + i) sees key j when j <= i, key j is not padding, and, with a
+    window w, i - j < w. Every query also sees itself, so a padding query has no empty row (its
+    output is never used, but an empty row would make NaNs).
+    """
+    T = attention_mask.size(1)
+    q = torch.arange(past, past + L, device=attention_mask.device)[:, None]  # (L, 1)
+    k = torch.arange(T, device=attention_mask.device)[None, :]  # (1, T)
+    visible = (k <= q) & attention_mask.bool()[:, None, None, :]  # (B, 1, L, T)
+    masks = {}
+    for w in windows:
+        m = visible if w is None else visible & (k > q - w)
+        masks[w] = m | (k == q)
+    return masks
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.gemma_norms)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.routing = Routing()
+        self.activation_checkpointing = False  # recompute each block in backward to save memory
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.args, batch, max_len, self.lm_head.weight.device, self.lm_head.weight.dtype)
+
+    def forward(self, input_ids, attention_mask=None, *, route_mask=None, task_ids=None, cache=None, last_only=False):
+        """input_ids (B, L) -> logits (B, L, vocab), or (B, 1, vocab) with last_only.
+
+        attention_mask (B, past + L): 1 on real tokens, 0 on left padding, covering the cached
+        positions too when decoding. route_mask (B, L): positions the adapters' routers average
+        over (the prompt; default: every real token). task_ids (B,): for CGC-LoRA.
+        """
+        B, L = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + L, dtype=torch.long, device=input_ids.device)
+        if past == 0:  # a new batch of sequences (training, scoring, or prefill): route on its prompt
+            self.routing.begin(attention_mask if route_mask is None else route_mask, task_ids)
+        else:  # decoding: every adapter reuses the gate it computed at prefill
+            self.routing.mask = None
+
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, L)
+        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, L, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, hd), broadcast over heads
+        windows = {layer.self_attn.window for layer in self.layers}
+        masks = attention_masks(attention_mask, past, L, windows)
+
+        h = self.embed_tokens(input_ids)  # (B, L, dim)
+        if self.args.embed_scale:
+            h = h * torch.tensor(self.args.dim**0.5, dtype=h.dtype)
+        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                h = checkpoint(layer, h, cos, sin, masks, cache, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, masks, cache)
+        if cache is not None:
+            cache.length += L
+
+        h = self.norm(h[:, -1:] if last_only else h)
+        logits = self.lm_head(h)
+        if self.args.final_softcap is not None:
+            logits = self.args.final_softcap * torch.tanh(logits / self.args.final_softcap)
+        return logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask=None, max_new_tokens=50, eos_token_id=None, pad_token_id=None, task_ids=None):
+    """Greedy decoding of a left-padded batch with a KV cache -> ids (B, L + new).
+
+    Each row stops at its first EOS (eos_token_id: an id or a list of ids); rows that stopped are
+    filled with pad_token_id (default: the first EOS id) until every row has stopped or
+    max_new_tokens were produced. Adapters route on the prompt at prefill and keep that gate.
+    """
+    B, L = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).flatten()
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    cache = model.new_cache(B, L + max_new_tokens)
+    logits = model(input_ids, attention_mask, task_ids=task_ids, cache=cache, last_only=True)
+    out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        token = logits[:, -1].argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        out.append(token[:, None])
+        done |= torch.isin(token, eos)
+        if done.all() or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        logits = model(token[:, None], attention_mask, cache=cache)
+    return torch.cat(out, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading checkpoints
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e}); re-download the checkpoint or fix the file.") from None
+
+
+def _checkpoint_dir(path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model folder {path} does not exist: pass a Hugging Face checkpoint folder (config.json, "
+            f"*.safetensors, tokenizer.json), or run `python scripts/prepare_smollm2.py` for the demo model."
+        )
+    return path
+
+
+def read_model_args(path) -> ModelArgs:
+    file = _checkpoint_dir(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: a checkpoint folder needs the config.json it was saved with.")
+    return ModelArgs.from_hf_config(_read_json(file), str(file))
+
+
+def _checkpoint_tensors(path: Path):
+    """Yield (file, name, tensor) one at a time, so that only one tensor is in flight."""
+    if (path / "model.safetensors.index.json").is_file():
+        weight_map = _read_json(path / "model.safetensors.index.json")["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif (path / "pytorch_model.bin").is_file():
+        file = path / "pytorch_model.bin"  # weights_only: never unpickle arbitrary objects
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        for name in list(state):
+            yield file, name, state.pop(name)
+        return
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin.")
+    from safetensors import safe_open
+
+    for name in files:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing (listed in model.safetensors.index.json).")
+        with safe_open(path / name, framework="pt") as f:
+            for key in f.keys():
+                yield path / name, key, f.get_tensor(key)
+
+
+def load_model(path, device=None, dtype=None) -> Transformer:
+    """Build the model on the meta device, then put each checkpoint tensor in place in turn.
+
+    device: default CUDA when available; dtype (torch.dtype or name): float32 on CPU, bfloat16 on CUDA.
+    """
+    path = _checkpoint_dir(path)
+    args = read_model_args(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens
+    loaded = set()
+    for file, key, tensor in _checkpoint_tensors(path):
+        name = key.removeprefix("model.")
+        if name.endswith("rotary_emb.inv_freq") or (args.tie_embeddings and name == "lm_head.weight"):
+            continue  # derived from the config (old Llama checkpoints store it) / tied to the embeddings
+        if name not in expected:
+            raise ValueError(f"{file}: unexpected tensor {key!r}: a {args.model_type} model with this config.json has no such weight.")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(
+                f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but config.json implies "
+                f"{tuple(expected[name].shape)}; do config.json and the weights come from the same checkpoint?"
+            )
+        module_name, _, leaf = name.rpartition(".")
+        param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=expected[name].requires_grad)
+        setattr(model.get_submodule(module_name), leaf, param)
+        loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"{path}: the checkpoint lacks tensors {', '.join(missing[:5])}{more}.")
+    if args.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_frequencies(args).to(device)  # was built on the meta device
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """tokenizer.json through the `tokenizers` package, with special ids resolved as HF does.
+
+    BOS/EOS around an encoded text: tokenizer_config.json's add_bos_token / add_eos_token when
+    given, else tokenizer.json's own post-processor. eos_token_id is the tokenizer's EOS (the
+    training target's end); stop_token_ids adds generation_config.json's EOS ids, which instruct
+    models often extend (Llama-3's <|eot_id|>), and is what generation stops on.
+    """
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = _checkpoint_dir(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing: badit reads the fast-tokenizer file tokenizer.json that HF checkpoints ship.")
+        try:
+            self.tk = HFTokenizer.from_file(str(file))
+        except Exception as e:
+            raise ValueError(f"{file}: cannot be read by the tokenizers package ({e}).") from None
+        optional = lambda name: _read_json(path / name) if (path / name).is_file() else {}  # noqa: E731
+        tok_cfg, gen_cfg, cfg = optional("tokenizer_config.json"), optional("generation_config.json"), optional("config.json")
+
+        def token_id(key):  # tokenizer_config.json names the token; the configs give ids
+            token = tok_cfg.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            if token is not None and self.tk.token_to_id(token) is not None:
+                return self.tk.token_to_id(token)
+            ids = gen_cfg.get(key + "_id", cfg.get(key + "_id"))
+            return ids[0] if isinstance(ids, list) else ids
+
+        self.bos_token_id = token_id("bos_token")
+        self.eos_token_id = token_id("eos_token")
+        if self.eos_token_id is None:
+            raise ValueError(f"{path}: no EOS token in tokenizer_config.json, generation_config.json or config.json.")
+        pad = token_id("pad_token")
+        self.pad_token_id = self.eos_token_id if pad is None else pad
+        gen_eos = gen_cfg.get("eos_token_id", cfg.get("eos_token_id"))
+        gen_eos = gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
+        self.stop_token_ids = list(dict.fromkeys([self.eos_token_id, *gen_eos]))
+        explicit = "add_bos_token" in tok_cfg or "add_eos_token" in tok_cfg
+        self.add_bos = bool(tok_cfg.get("add_bos_token")) and self.bos_token_id is not None if explicit else None
+        self.add_eos = bool(tok_cfg.get("add_eos_token")) if explicit else None
+
+    def encode(self, text: str) -> list[int]:
+        if self.add_bos is None:
+            return self.tk.encode(text).ids
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        return [self.bos_token_id] * self.add_bos + ids + [self.eos_token_id] * self.add_eos
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def load_tokenizer(path) -> Tokenizer:
+    return Tokenizer(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: greedy generation from a checkpoint, on a SuperNI-style prompt by default
+
+
+def main():
+    import argparse
+
+    from data import format_prompt
+
+    example = format_prompt(
+        "In this task, you are given a movie review. Classify its sentiment as \"positive\" or \"negative\".",
+        "The plot was thin, but the acting was wonderful and I left the cinema smiling.",
+    )
+    p = argparse.ArgumentParser(description="Greedy generation with a checkpoint (the demo model by default).")
+    p.add_argument("--model", default="checkpoints/SmolLM2-135M-Instruct", help="Hugging Face checkpoint folder")
+    p.add_argument("--prompt", default=example, help="prompt text (default: a SuperNI-style example)")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = p.parse_args()
+    model, tok = load_model(args.model, device=args.device), load_tokenizer(args.model)
+    ids = torch.tensor([tok.encode(args.prompt)], device=model.lm_head.weight.device)
+    out = generate(model, ids, max_new_tokens=args.max_new_tokens, eos_token_id=tok.stop_token_ids, pad_token_id=tok.pad_token_id)
+    print(args.prompt + tok.decode(out[0, ids.shape[1]:].tolist()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints of every supported family.
+
+Each is built with transformers (the reference oracle, a test-only dependency), given random
+weights large enough that every feature (norm weights, biases, soft-capping) changes the logits,
+and saved with save_pretrained so that our loader reads exactly what users download.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared"
+SUPERNI = SHARED / "data" / "superni"
+DEMO_DIR = Path(os.environ.get("BADIT_DEMO_MODEL", ROOT / "checkpoints" / "SmolLM2-135M-Instruct"))
+
+VOCAB = 96
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0)
+
+# name -> (model_type, extra config, how to save). Together they exercise every feature of model.py.
+FAMILIES = {
+    # Llama-3 rope scaling with positions past the original context (8), biases, untied head.
+    "llama3": ("llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0,
+                                                  high_freq_factor=4.0, original_max_position_embeddings=8),
+                             attention_bias=True, mlp_bias=True), {}),
+    # linear rope scaling, tied embeddings, saved in shards
+    "llama-linear": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=2.0),
+                                   tie_word_embeddings=True), dict(max_shard_size="40KB")),
+    "mistral": ("mistral", dict(sliding_window=5, rope_parameters=dict(rope_type="default", rope_theta=1e6)), {}),
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=4, max_window_layers=1), {}),
+    "qwen3": ("qwen3", dict(head_dim=32, tie_word_embeddings=False), {}),
+    "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=4, attn_logit_softcapping=3.0,
+                              final_logit_softcapping=8.0, hidden_activation="gelu_pytorch_tanh"), {}),
+}
+
+
+def hf_config(model_type, extra):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, **{**BASE, **extra})
+
+
+def randomize(model, seed=0):
+    """Weights of a scale that makes every path matter; RMSNorm weights away from their init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name:
+                p.copy_((0.0 if model.config.model_type == "gemma2" else 1.0) + 0.2 * noise)
+            else:
+                p.copy_(0.15 * noise)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """name -> folder of a tiny random checkpoint saved by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for i, (name, (model_type, extra, save_kwargs)) in enumerate(FAMILIES.items()):
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_config(hf_config(model_type, extra), attn_implementation="eager")
+        randomize(model, seed=i)
+        model.save_pretrained(root / name, **save_kwargs)
+        out[name] = root / name
+    return out
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def left_padded_batch(lengths, vocab=VOCAB, seed=0):
+    """Random ids (B, max(lengths)), left-padded with pad id 0, and the attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    L = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), L), generator=g)
+    mask = torch.zeros(len(lengths), L, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, L - n:] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir():
+    if not (DEMO_DIR / "model.safetensors").is_file():
+        pytest.skip(f"demo model not prepared at {DEMO_DIR}: run python scripts/prepare_smollm2.py")
+    return DEMO_DIR
+
+
+def superni_prompts(n, split="test"):
+    """The first instance of each of the first n SuperNI tasks, as SPEC prompts."""
+    from data import format_prompt, read_task
+
+    tasks = sorted(p.name for p in SUPERNI.iterdir() if p.is_dir())[:n]
+    prompts = []
+    for task in tasks:
+        definition, instances = read_task(SUPERNI, task, split)
+        prompts.append(format_prompt(definition, instances[0]["input"]))
+    return prompts
+
+
+def left_pad(seqs, pad_id):
+    L = max(map(len, seqs))
+    ids = torch.tensor([[pad_id] * (L - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs])
+    return ids, mask

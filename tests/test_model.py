@@ -1,0 +1,102 @@
+"""model.py against Hugging Face transformers (the oracle) on tiny random checkpoints."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import FAMILIES, hf_model, left_padded_batch
+from model import generate, load_model
+
+LENGTHS = [21, 13, 17]  # longer than every sliding window and past llama3's original context
+
+
+def hf_positions(mask):
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_logits_match_transformers(tiny_checkpoints, name):
+    path = tiny_checkpoints[name]
+    ids, mask = left_padded_batch(LENGTHS)
+    ours = load_model(path, device="cpu")(ids, mask)
+    with torch.no_grad():
+        ref = hf_model(path)(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
+    real = mask.bool()
+    assert ours.shape == ref.shape
+    assert ref[real].abs().max() > 0.5  # the random model produces non-trivial logits
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-4, rtol=0)
+
+
+def test_row_is_independent_of_its_padding(tiny_checkpoints):
+    model = load_model(tiny_checkpoints["gemma2"], device="cpu")
+    ids, mask = left_padded_batch(LENGTHS)
+    batched = model(ids, mask)
+    n = LENGTHS[1]
+    alone = model(ids[1:2, -n:])
+    torch.testing.assert_close(batched[1, -n:], alone[0], atol=1e-5, rtol=0)
+
+
+def test_old_style_rope_scaling_config(tiny_checkpoints, tmp_path):
+    """Checkpoints saved before transformers 5 write rope_theta + rope_scaling {type: ...}."""
+    src = tiny_checkpoints["llama3"]
+    shutil.copytree(src, tmp_path / "old")
+    cfg = json.loads((src / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    ids, mask = left_padded_batch(LENGTHS)
+    torch.testing.assert_close(load_model(tmp_path / "old")(ids, mask), load_model(src)(ids, mask), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2", "gemma2"])
+def test_greedy_generation_matches_transformers(tiny_checkpoints, name):
+    path = tiny_checkpoints[name]
+    ids, mask = left_padded_batch(LENGTHS, seed=1)
+    ref_model = hf_model(path)
+    common = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    free = ref_model.generate(ids, eos_token_id=None, **common)
+    eos = int(free[0, ids.shape[1] + 4])  # a token row 0 produces mid-way: it must stop there
+    ref = ref_model.generate(ids, eos_token_id=eos, **common)
+    ours = generate(load_model(path), ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(ours, ref)
+    assert (ours[0, ids.shape[1] + 5:] == 0).all()
+
+
+def test_generation_without_cache_agrees(tiny_checkpoints):
+    """The KV-cache path computes what a full forward over the grown sequence computes."""
+    model = load_model(tiny_checkpoints["gemma2"])
+    ids, mask = left_padded_batch(LENGTHS, seed=2)
+    out = generate(model, ids, mask, max_new_tokens=6)
+    full_mask = torch.cat([mask, torch.ones(len(LENGTHS), out.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+    logits = model(out[:, :-1], full_mask[:, :-1])
+    assert torch.equal(logits[:, ids.shape[1] - 1:].argmax(-1), out[:, ids.shape[1]:])
+
+
+class RoutingProbe(torch.nn.Module):
+    """Stands in for an adapter: records the routing mask it sees on each call."""
+
+    def __init__(self, linear, routing):
+        super().__init__()
+        self.linear, self.routing, self.seen = linear, routing, []
+
+    def forward(self, x):
+        self.seen.append(None if self.routing.mask is None else self.routing.mask.clone())
+        return self.linear(x)
+
+
+def test_routing_reaches_linears_per_model(tiny_checkpoints):
+    """Adapters see the prompt mask at prefill, None while decoding; two models stay separate."""
+    a, b = load_model(tiny_checkpoints["llama3"]), load_model(tiny_checkpoints["llama3"])
+    probe = RoutingProbe(a.layers[1].mlp.gate_proj, a.routing)
+    a.layers[1].mlp.gate_proj = probe
+    ids, mask = left_padded_batch(LENGTHS)
+    generate(a, ids, mask, max_new_tokens=3)
+    assert torch.equal(probe.seen[0], mask) and probe.seen[1:] == [None, None]
+    route = mask.clone()
+    route[:, -2:] = 0  # e.g. the answer tokens of a training batch
+    b(ids, mask, route_mask=torch.ones_like(mask))
+    a(ids, mask, route_mask=route)
+    assert torch.equal(probe.seen[-1], route) and torch.equal(b.routing.mask, torch.ones_like(mask))
