@@ -80,6 +80,11 @@ def hf_model(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
 
 
+def hf_positions(mask):
+    """Position ids as transformers' generate derives them from a left-padded mask."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
 def left_padded_batch(lengths, vocab=VOCAB, seed=0):
     """Random ids (B, max(lengths)), left-padded with pad id 0, and the attention mask."""
     g = torch.Generator().manual_seed(seed)

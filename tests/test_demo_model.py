@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import ROOT, left_pad, superni_prompts
+from conftest import ROOT, hf_positions, left_pad, superni_prompts
 from model import generate, load_model, load_tokenizer, read_model_args
 
 GGUF_DIR, GGUF_FILE = ROOT / "checkpoints" / "gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,8 +55,7 @@ def test_logits_and_greedy_continuation_match_transformers(demo_model_dir, hf_gg
     ours = load_model(demo_model_dir, device="cpu")
     with torch.no_grad():
         logits = ours(ids, mask)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        ref = hf_gguf_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        ref = hf_gguf_model(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
     real = mask.bool()
     torch.testing.assert_close(logits[real], ref[real], atol=1e-4, rtol=0)
 

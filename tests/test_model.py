@@ -6,14 +6,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import FAMILIES, hf_model, left_padded_batch
+from conftest import FAMILIES, hf_model, hf_positions, left_padded_batch
 from model import generate, load_model
 
 LENGTHS = [21, 13, 17]  # longer than every sliding window and past llama3's original context
-
-
-def hf_positions(mask):
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -100,3 +96,15 @@ def test_routing_reaches_linears_per_model(tiny_checkpoints):
     b(ids, mask, route_mask=torch.ones_like(mask))
     a(ids, mask, route_mask=route)
     assert torch.equal(probe.seen[-1], route) and torch.equal(b.routing.mask, torch.ones_like(mask))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_checkpoints):
+    ids, mask = left_padded_batch(LENGTHS)
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(tiny_checkpoints["qwen3"]).train()
+        model.activation_checkpointing = checkpointing
+        model(ids, mask)[mask.bool()].logsumexp(-1).sum().backward()
+        grads.append(model.layers[0].mlp.gate_proj.weight.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=0)
