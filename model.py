@@ -177,6 +177,9 @@ class Routing:
     def begin(self, mask: torch.Tensor, task_ids: torch.Tensor | None):
         self.mask, self.task_ids, self.gates = mask, task_ids, {}
 
+    def __deepcopy__(self, memo):  # a copied model starts with no batch (the gates hold autograd graphs)
+        return Routing()
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, add_one: bool = False):
@@ -331,12 +334,14 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.args, batch, max_len, self.lm_head.weight.device, self.lm_head.weight.dtype)
 
-    def forward(self, input_ids, attention_mask=None, *, route_mask=None, task_ids=None, cache=None, last_only=False):
-        """input_ids (B, L) -> logits (B, L, vocab), or (B, 1, vocab) with last_only.
+    def forward(self, input_ids, attention_mask=None, *, route_mask=None, task_ids=None, cache=None, logits_at=None):
+        """input_ids (B, L) -> logits (B, L, vocab), or (n, vocab) at the n True positions of logits_at.
 
         attention_mask (B, past + L): 1 on real tokens, 0 on left padding, covering the cached
         positions too when decoding. route_mask (B, L): positions the adapters' routers average
-        over (the prompt; default: every real token). task_ids (B,): for CGC-LoRA.
+        over (the prompt; default: every real token). task_ids (B,): for CGC-LoRA. logits_at (B, L)
+        bool: the loss needs logits on answer tokens only and generation on the last token only,
+        and the vocabulary projection is the largest matmul of a small model.
         """
         B, L = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -365,7 +370,7 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += L
 
-        h = self.norm(h[:, -1:] if last_only else h)
+        h = self.norm(h if logits_at is None else h[logits_at])
         logits = self.lm_head(h)
         if self.args.final_softcap is not None:
             logits = self.args.final_softcap * torch.tanh(logits / self.args.final_softcap)
@@ -390,17 +395,19 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=50, eos_token
     eos = torch.tensor([] if eos_token_id is None else eos_token_id, device=input_ids.device).flatten()
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     cache = model.new_cache(B, L + max_new_tokens)
-    logits = model(input_ids, attention_mask, task_ids=task_ids, cache=cache, last_only=True)
+    last = torch.zeros_like(input_ids, dtype=torch.bool)
+    last[:, -1] = True
+    logits = model(input_ids, attention_mask, task_ids=task_ids, cache=cache, logits_at=last)  # (B, vocab)
     out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
-        token = logits[:, -1].argmax(-1)
+        token = logits.argmax(-1)
         token = torch.where(done, torch.full_like(token, pad), token)
         out.append(token[:, None])
         done |= torch.isin(token, eos)
         if done.all() or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        logits = model(token[:, None], attention_mask, cache=cache)
+        logits = model(token[:, None], attention_mask, cache=cache)[:, -1]
     return torch.cat(out, dim=1)
 
 

@@ -1,0 +1,556 @@
+"""BADIT and the adapters it is compared with, side by side (SPEC sections 2 to 6 and 9).
+
+Every adapter wraps a frozen nn.Linear (weight W, m x n) and adds N rank-1 components, stored as
+one A (N x n) and one B (m x N), each weighted per sequence by a coefficient c_j:
+
+    y = x W^T + s ((dropout(x) A^T) * c) B^T            s = alpha / r            (SPEC section 4)
+
+and the methods differ only in N, in how A and B start, and in where c comes from:
+
+    method            N        init                      c
+    lora              r_lora   A kaiming, B = 0          1
+    pissa             r_lora   top SVD, W -> residual    1
+    loramoe           K r      A kaiming, B = 0          K softmax(mean_prompt(x) G^T), each expert's r components
+    badit-noregroup   K r      top SVD, W -> residual    as loramoe
+    badit             K r      top SVD, W -> residual    as loramoe, + regroup() during training (section 5)
+    cgc               (Kc + T Ks) r   A kaiming, B = 0   (Kc + Ks) softmax(gate[task]) on the task's experts, 0 elsewhere
+
+Then: batched spherical k-means and the exact balanced regrouping of BADIT (section 5), saving
+and loading adapters, a PEFT export for lora and pissa, and merging (cgc per task).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+METHODS = ("lora", "pissa", "loramoe", "badit-noregroup", "badit", "cgc")
+SVD_METHODS = ("pissa", "badit-noregroup", "badit")
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter layers
+
+
+class Adapter(nn.Module):
+    """A frozen linear plus N rank-1 components s B[:, j] A[j, :], weighted per sequence by c_j."""
+
+    def __init__(self, base: nn.Linear, n_components: int, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        m, n = base.weight.shape
+        dev = base.weight.device
+        # Trainable parameters are kept in float32 whatever the model's dtype (cast in forward).
+        self.A = nn.Parameter(torch.zeros(n_components, n, device=dev))
+        self.B = nn.Parameter(torch.zeros(m, n_components, device=dev))
+        self.rank, self.scaling = rank, alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def coefficients(self, x) -> torch.Tensor | None:
+        """(batch, N) weight of each component for each sequence; None means all ones."""
+        return None
+
+    def forward(self, x):  # x (B, L, n)
+        h = self.dropout(x) @ self.A.to(x.dtype).T  # (B, L, N)
+        c = self.coefficients(x)
+        if c is not None:
+            h = h * c[:, None, :].to(h.dtype)
+        return self.base(x) + (h @ self.B.to(x.dtype).T) * self.scaling  # (B, L, m)
+
+
+class LoRA(Adapter):
+    """lora and pissa: one low-rank update of rank N = r_lora, no router."""
+
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__(base, rank, rank, alpha, dropout)
+
+
+class MoE(Adapter):
+    """loramoe, badit-noregroup and badit: K experts of rank r and a per-sequence router (SPEC section 4).
+
+    The gate is computed from the mean of the layer input over the routing positions (the prompt,
+    never padding or answer tokens) once per sequence, and reused while decoding.
+    """
+
+    def __init__(self, base, num_experts, rank, alpha, dropout, routing, top_k=None):
+        super().__init__(base, num_experts * rank, rank, alpha, dropout)
+        self.num_experts, self.top_k, self.routing = num_experts, top_k, routing
+        self.G = nn.Parameter(torch.zeros(num_experts, base.weight.shape[1], device=base.weight.device))  # K x n
+
+    def coefficients(self, x):
+        if self.routing.mask is None:  # decoding: the gate computed at prefill
+            return self.routing.gates[self]
+        m = self.routing.mask.to(x.dtype)[..., None]  # (B, L, 1)
+        xbar = (x * m).sum(1) / m.sum(1).clamp(min=1)  # (B, n) masked mean over the prompt
+        g = torch.softmax(xbar.float() @ self.G.T, dim=-1)  # (B, K)
+        if self.top_k is not None:  # keep the k largest gates, renormalise to sum to 1
+            kept = torch.zeros_like(g).scatter(1, g.topk(self.top_k, dim=-1).indices, 1.0)
+            g = g * kept / (g * kept).sum(-1, keepdim=True)
+        c = (self.num_experts * g).repeat_interleave(self.rank, dim=1)  # (B, N); 1 when uniform
+        self.routing.gates[self] = c
+        return c
+
+
+class CGC(Adapter):
+    """CGC-LoRA: Kc common experts shared by all tasks and Ks specific experts per task (SPEC section 6).
+
+    Task t sees the common experts and its own Ks; its gate is a free logit vector over those
+    Kc + Ks experts (zeros at start), softmax, times Kc + Ks so that c = 1 at start as for the
+    other routed methods. The gate depends on the task id only, so a trained adapter merges per task.
+    """
+
+    def __init__(self, base, common, specific, num_tasks, rank, alpha, dropout, routing):
+        super().__init__(base, (common + num_tasks * specific) * rank, rank, alpha, dropout)
+        self.common, self.specific, self.num_tasks, self.routing = common, specific, num_tasks, routing
+        self.gate = nn.Parameter(torch.zeros(num_tasks, common + specific, device=base.weight.device))
+
+    def task_coefficients(self, task_ids):  # (B,) -> (B, N)
+        g = (self.common + self.specific) * torch.softmax(self.gate[task_ids], dim=-1)  # (B, Kc + Ks)
+        own = self.common + task_ids[:, None] * self.specific + torch.arange(self.specific, device=g.device)
+        visible = torch.cat([torch.arange(self.common, device=g.device).expand(len(task_ids), -1), own], 1)
+        experts = torch.zeros(len(task_ids), self.common + self.num_tasks * self.specific, device=g.device)
+        return experts.scatter(1, visible, g).repeat_interleave(self.rank, dim=1)  # 0 on other tasks' experts
+
+    def coefficients(self, x):
+        if self.routing.task_ids is None:
+            raise ValueError("cgc adapters need a task id per sequence: pass task_ids=(B,) tensor to the model or to generate().")
+        return self.task_coefficients(self.routing.task_ids.to(x.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation (SPEC sections 3 and 6)
+
+
+def kaiming_init(adapter: Adapter):
+    """LoRA's init: A kaiming-uniform (a = sqrt 5, as nn.Linear), B = 0, so the update starts at 0."""
+    nn.init.kaiming_uniform_(adapter.A, a=math.sqrt(5))
+    nn.init.zeros_(adapter.B)
+
+
+def svd_init_experts(adapter: Adapter):
+    """SPEC section 3: the N components start as the top N singular triplets of W0, in order.
+
+    W0 = U diag(S) Vh; A[j] = sqrt(S_j / s) Vh[j], B[:, j] = sqrt(S_j / s) U[:, j], so that
+    s B[:, j] A[j] = S_j u_j v_j^T; expert e gets triplets e r .. e r + r - 1 (expert 0 the largest).
+    The frozen weight becomes the residual W0 - s B0 A0, so the model starts at its own function.
+    """
+    N, (m, n) = adapter.A.shape[0], adapter.base.weight.shape
+    if N > min(m, n):
+        raise ValueError(f"{N} components (experts x rank) exceed min(out, in) = {min(m, n)} of a {m} x {n} layer; lower the rank or the number of experts.")
+    U, S, Vh = torch.linalg.svd(adapter.base.weight.float(), full_matrices=False)
+    root = (S[:N] / adapter.scaling).sqrt()
+    with torch.no_grad():
+        adapter.A.copy_(root[:, None] * Vh[:N])
+        adapter.B.copy_(U[:, :N] * root[None, :])
+    adapter.register_buffer("A0", adapter.A.detach().clone())  # kept: they define the residual
+    adapter.register_buffer("B0", adapter.B.detach().clone())
+    set_residual(adapter)
+
+
+def set_residual(adapter: Adapter):
+    """base.weight <- W0 - s B0 A0 (float32, then the model's dtype); deterministic given A0, B0."""
+    W = adapter.base.weight
+    W.data = (W.float() - adapter.scaling * adapter.B0 @ adapter.A0).to(W.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adding adapters to a model
+
+
+def add_adapters(model, method: str, targets=("gate_proj",), num_experts=6, rank=4, alpha=32.0, dropout=0.05,
+                 lora_rank=None, top_k=None, num_tasks=None, common_experts=4, task_experts=2, init=True) -> dict:
+    """Wrap the target linears of a model.py Transformer, freeze everything else (SPEC section 6).
+
+    lora and pissa use lora_rank (default num_experts x rank, the same total rank as BADIT).
+    cgc needs num_tasks. Returns (and prints, and keeps as model.adapter_config) the method, its
+    hyperparameters, the trainable-parameter count and the rank active per example.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if method == "cgc" and not num_tasks:
+        raise ValueError("cgc needs num_tasks (the number of tasks, each with its own specific experts).")
+    names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name.split(".")[-1] in targets]
+    if not names:
+        linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"targets {tuple(targets)} match no linear layer; the model's linear layers are named {', '.join(linears)}.")
+    lora_rank = lora_rank or num_experts * rank
+    config = dict(method=method, targets=list(targets), num_experts=num_experts, rank=rank, alpha=alpha, dropout=dropout,
+                  lora_rank=lora_rank, top_k=top_k, num_tasks=num_tasks, common_experts=common_experts, task_experts=task_experts)
+
+    model.requires_grad_(False)
+    for name in tqdm(names, desc=f"{method} adapters", unit="layer", disable=not init or method not in SVD_METHODS):
+        parent, _, leaf = name.rpartition(".")
+        base = model.get_submodule(name)
+        if method in ("lora", "pissa"):
+            adapter = LoRA(base, lora_rank, alpha, dropout)
+        elif method == "cgc":
+            adapter = CGC(base, common_experts, task_experts, num_tasks, rank, alpha, dropout, model.routing)
+        else:
+            adapter = MoE(base, num_experts, rank, alpha, dropout, model.routing, top_k)
+        if method in SVD_METHODS:  # buffers that load_adapters fills when init is False
+            adapter.register_buffer("A0", torch.zeros_like(adapter.A))
+            adapter.register_buffer("B0", torch.zeros_like(adapter.B))
+        if init:
+            svd_init_experts(adapter) if method in SVD_METHODS else kaiming_init(adapter)
+        setattr(model.get_submodule(parent), leaf, adapter)
+
+    active = {"lora": lora_rank, "pissa": lora_rank, "cgc": (common_experts + task_experts) * rank}
+    config["active_rank"] = active.get(method, (top_k or num_experts) * rank)
+    config["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{method}: {len(names)} layers adapted ({', '.join(targets)}), {config['trainable_params']:,} trainable "
+          f"parameters, active rank {config['active_rank']} per example")
+    model.adapter_config = config
+    return config
+
+
+def adapters_of(model) -> dict[str, Adapter]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Adapter)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Spherical k-means, batched over layers (SPEC section 5)
+
+
+def _centroid_similarity(gram, labels, k):
+    """cos(z_i, c_k) for every point and cluster, from the Gram matrix alone.
+
+    c_k = S_k / ||S_k|| with S_k the sum of cluster k's unit vectors, so z_i . c_k = (G M)_ik / ||S_k||
+    and ||S_k||^2 = sum_{j, j' in k} G_jj'. gram (b, N, N), labels (b, N) -> (b, N, k) and ||S_k|| (b, k).
+    """
+    M = F.one_hot(labels, k).to(gram.dtype)  # (b, N, k)
+    GM = gram @ M
+    norm = (M * GM).sum(1).clamp(min=0).sqrt()  # (b, k); 0 for an empty cluster
+    return GM / norm.clamp(min=1e-12)[:, None, :], norm
+
+
+def _kmeans_pp(gram, u):
+    """Greedy k-means++ on the sphere (as scikit-learn seeds k-means): each next seed is the best of
+    a few candidates drawn with probability proportional to 1 - cos to the nearest seed so far,
+    best meaning the smallest remaining sum of 1 - cos. Draws by inverse CDF from the uniforms
+    u (b, k, trials). -> labels (b, N), each point with its most similar seed."""
+    b, N, _ = gram.shape
+    rows = torch.arange(b, device=gram.device)
+    seeds = [(u[:, 0, 0] * N).long().clamp(max=N - 1)]
+    nearest = gram[rows, seeds[0]]  # (b, N) cos to the nearest seed
+    for i in range(1, u.shape[1]):
+        cdf = (1 - nearest).clamp(min=0).cumsum(-1)  # (b, N)
+        candidates = torch.searchsorted(cdf, u[:, i] * cdf[:, -1:]).clamp(max=N - 1)  # (b, trials)
+        reach = torch.maximum(nearest[:, None, :], gram[rows[:, None], candidates])  # (b, trials, N)
+        best = (1 - reach).sum(-1).argmin(-1)  # (b,)
+        seeds.append(candidates[rows, best])
+        nearest = reach[rows, best]
+    seeds = torch.stack(seeds, 1)  # (b, k)
+    return torch.gather(gram, 2, seeds[:, None, :].expand(b, N, -1)).argmax(-1)
+
+
+def _best_move(gram, labels, k):
+    """Dhillon et al.'s "first variation" (2002): move the one point whose move to another cluster
+    most increases the objective sum_k ||S_k||, where Lloyd iterations stop at a local optimum.
+
+    Moving z_i from a to b: ||S_a - z_i|| = sqrt(||S_a||^2 - 2 z_i.S_a + ||z_i||^2), likewise for
+    ||S_b + z_i||: Gram entries again. Points alone in their cluster stay. -> labels, moved (b,)."""
+    b, N, _ = gram.shape
+    M = F.one_hot(labels, k).to(gram.dtype)
+    GM = gram @ M  # (b, N, k) z_i . S_k
+    sq = (M * GM).sum(1)  # (b, k) ||S_k||^2
+    zz = gram.diagonal(dim1=1, dim2=2)  # (b, N) ||z_i||^2
+    own_sq, own_dot = sq.gather(1, labels), GM.gather(2, labels[..., None])[..., 0]
+    leave = (own_sq - 2 * own_dot + zz).clamp(min=0).sqrt() - own_sq.sqrt()  # (b, N)
+    join = (sq[:, None, :] + 2 * GM + zz[..., None]).clamp(min=0).sqrt() - sq.sqrt()[:, None, :]  # (b, N, k)
+    delta = (leave[..., None] + join).masked_fill(M.bool(), -math.inf)
+    delta.masked_fill_((M.sum(1).gather(1, labels) == 1)[..., None], -math.inf)
+    best, flat = delta.view(b, -1).max(-1)
+    moved = best > 1e-5  # float32 noise must not count as a gain
+    rows = torch.arange(b, device=gram.device)[moved]
+    labels = labels.clone()
+    labels[rows, flat[moved] // k] = flat[moved] % k
+    return labels, moved
+
+
+def spherical_kmeans(x, k: int, n_init: int = 10, max_iter: int = 100, seed: int = 0):
+    """Spherical k-means of x (N, D) or (L, N, D), all L problems and all restarts in one batch.
+
+    Similarity is the cosine; centroids are normalised sums; an empty cluster is re-seeded with the
+    point least similar to its centroid; where assignments stop changing, the best single-point
+    move is tried (_best_move) and iterations go on; it stops when neither changes anything or
+    after max_iter; per problem, the restart with the largest total cosine wins. With N much
+    smaller than D all of this runs on the N x N Gram matrix, so the D-dimensional data is read
+    twice: for the Gram matrix and for the final centroids. Every problem uses the same random
+    numbers, so a layer's result does not depend on the layers batched with it. Runs on x's device.
+    Returns labels (L, N) and unit centroids (L, k, D) (without the L axis for 2-d input).
+    """
+    Z = F.normalize(x.float(), dim=-1, eps=1e-12)
+    Z = Z[None] if x.dim() == 2 else Z
+    L, N, _ = Z.shape
+    if not 1 <= k <= N:
+        raise ValueError(f"spherical_kmeans: k = {k} clusters for {N} points; need 1 <= k <= N.")
+    gen = torch.Generator(device=Z.device).manual_seed(seed)
+    trials = 2 + int(math.log(k))  # scikit-learn's number of candidates per seed
+    u = torch.rand(n_init, k, trials, generator=gen, device=Z.device).repeat(L, 1, 1)  # (L n_init, k, trials)
+    gram = (Z @ Z.transpose(1, 2)).repeat_interleave(n_init, dim=0)  # (L n_init, N, N)
+    rows = torch.arange(L * n_init, device=Z.device)
+
+    labels = _kmeans_pp(gram, u)
+    for _ in range(max_iter):
+        sim, _ = _centroid_similarity(gram, labels, k)
+        new = sim.argmax(-1)
+        own = sim.gather(2, new[..., None])[..., 0]  # (b, N) cos to the assigned centroid
+        for c in range(k):  # re-seed empty clusters with the point least similar to its centroid
+            empty = (new == c).sum(-1) == 0
+            if empty.any():
+                worst = own.argmin(-1)
+                new[rows[empty], worst[empty]] = c
+                own[rows[empty], worst[empty]] = float("inf")
+        settled = (new == labels).all(-1)
+        if settled.any():
+            moved, did_move = _best_move(gram[settled], labels[settled], k)
+            new[settled] = moved
+            settled[settled.clone()] = ~did_move
+        if settled.all():
+            break
+        labels = new
+
+    _, norm = _centroid_similarity(gram, labels, k)
+    best = norm.sum(-1).view(L, n_init).argmax(1)  # total cosine = sum_k ||S_k||
+    labels = labels.view(L, n_init, N)[torch.arange(L, device=Z.device), best]
+    centroids = F.normalize(F.one_hot(labels, k).to(Z.dtype).transpose(1, 2) @ Z, dim=-1, eps=1e-12)
+    return (labels[0], centroids[0]) if x.dim() == 2 else (labels, centroids)
+
+
+def balanced_assignment(sim, r: int):
+    """Exactly r components per expert (SPEC section 5): sim (L, N, K) with N = K r -> perm (L, N).
+
+    N greedy steps, all layers at once: place the most similar (component, expert) pair among
+    unplaced components and experts with fewer than r members. perm lists expert 0's components
+    first, then expert 1's, ..., each in descending similarity: new component i is old perm[i].
+    """
+    L, N, K = sim.shape
+    if N != K * r:
+        raise ValueError(f"balanced_assignment: {N} components cannot fill {K} experts of rank {r} exactly.")
+    free = sim.float().clone()
+    labels = torch.empty(L, N, dtype=torch.long, device=sim.device)
+    count = torch.zeros(L, K, dtype=torch.long, device=sim.device)
+    rows = torch.arange(L, device=sim.device)
+    for _ in range(N):
+        flat = free.view(L, -1).argmax(-1)
+        j, e = flat // K, flat % K
+        labels[rows, j] = e
+        count[rows, e] += 1
+        free[rows, j, :] = -math.inf
+        free.masked_fill_((count == r)[:, None, :], -math.inf)
+    placed = sim.float().gather(2, labels[..., None])[..., 0]  # in [-1, 1]
+    return torch.argsort(labels * 4 - placed, dim=1, stable=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Regrouping BADIT's components (SPEC section 5)
+
+
+def routed_adapters(model) -> dict[str, MoE]:
+    return {name: a for name, a in adapters_of(model).items() if isinstance(a, MoE)}
+
+
+@torch.no_grad()
+def accumulate_regroup_signal(model):
+    """Call once per optimizer step, after backward and before zero_grad (gradients are already
+    averaged over data-parallel ranks then). Adds each component's gradient direction
+    z_j = [dL/dA[j, :] ; dL/dB[:, j]] (float32) to a running sum, and keeps the last one."""
+    for a in routed_adapters(model).values():
+        if a.A.grad is None:
+            continue
+        z = torch.cat([a.A.grad, a.B.grad.T], dim=1).float()  # (N, n + m)
+        if not hasattr(a, "signal_sum"):
+            a.register_buffer("signal_sum", torch.zeros_like(z), persistent=False)
+            a.register_buffer("signal_last", torch.zeros_like(z), persistent=False)
+        a.signal_sum += z
+        a.signal_last.copy_(z)
+
+
+def expert_angles(Z, r: int):
+    """Z (L, N, D) unit rows, expert e = rows e r .. e r + r - 1 -> (intra, inter) angles in degrees (L,).
+
+    intra: arccos of the mean pairwise cosine within an expert, averaged over experts;
+    inter: arccos of the mean pairwise cosine between the K normalised expert means.
+    """
+    L, N, D = Z.shape
+    K = N // r
+    E = Z.view(L, K, r, D)
+    gram = E @ E.transpose(-1, -2)  # (L, K, r, r)
+    off = gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    intra = torch.rad2deg(torch.arccos((off / (r * (r - 1))).clamp(-1, 1))).mean(-1)
+    means = F.normalize(E.mean(2), dim=-1, eps=1e-12)  # (L, K, D)
+    mg = means @ means.transpose(1, 2)
+    inter_cos = (mg.sum((-1, -2)) - mg.diagonal(dim1=-2, dim2=-1).sum(-1)) / (K * (K - 1))
+    return intra, torch.rad2deg(torch.arccos(inter_cos.clamp(-1, 1)))
+
+
+@torch.no_grad()
+def permute_components(adapter: Adapter, perm, optimizer=None):
+    """A <- A[perm], B <- B[:, perm], and the same for their gradients and optimizer state (AdamW's
+    exp_avg, exp_avg_sq), so the next step continues as if training had used this order."""
+    for p, dim in ((adapter.A, 0), (adapter.B, 1)):
+        tensors = [p] + ([p.grad] if p.grad is not None else [])
+        if optimizer is not None:
+            tensors += [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
+        for t in tensors:
+            t.copy_(t.index_select(dim, perm))
+
+
+@torch.no_grad()
+def regroup(model, optimizer=None, signal: str = "accumulated", n_init: int = 10, max_iter: int = 100, seed: int = 0) -> dict:
+    """Regroup every routed adapter's components by spherical k-means of their gradient directions.
+
+    signal: "accumulated" (summed since the last regroup, the default) or "last" (the last optimizer
+    step's gradient only, the reference code's behaviour). Layers of equal shape are clustered in
+    one batch on the parameters' device; each layer gets an exact balanced permutation, applied to
+    A, B, their gradients and optimizer state; the router G is left unchanged; the signal restarts.
+    Returns the diagnostics of SPEC section 5, averaged over layers, and each layer's permutation.
+    """
+    if signal not in ("accumulated", "last"):
+        raise ValueError(f"regroup signal must be 'accumulated' or 'last', not {signal!r}.")
+    layers = {name: a for name, a in routed_adapters(model).items() if hasattr(a, "signal_sum")}
+    if not layers:
+        raise ValueError("regroup: no gradient signal yet; call accumulate_regroup_signal(model) after each backward.")
+    by_shape = {}
+    for name, a in layers.items():
+        by_shape.setdefault((tuple(a.A.shape), tuple(a.B.shape), a.rank), []).append(name)
+
+    stats = {key: [] for key in ("intra_before", "intra_after", "inter_before", "inter_after", "objective", "moved")}
+    permutations = {}
+    for (_, _, r), names in by_shape.items():
+        Z = torch.stack([layers[n].signal_sum if signal == "accumulated" else layers[n].signal_last for n in names])
+        Z = F.normalize(Z, dim=-1, eps=1e-12)  # (L, N, n + m)
+        K = Z.shape[1] // r
+        intra, inter = expert_angles(Z, r)
+        labels, centroids = spherical_kmeans(Z, K, n_init, max_iter, seed)
+        sim = Z @ centroids.transpose(1, 2)  # (L, N, K)
+        perm = balanced_assignment(sim, r)
+        intra_after, inter_after = expert_angles(Z.gather(1, perm[..., None].expand_as(Z)), r)
+        position = torch.arange(Z.shape[1], device=Z.device)
+        stats["intra_before"] += intra.tolist()
+        stats["inter_before"] += inter.tolist()
+        stats["intra_after"] += intra_after.tolist()
+        stats["inter_after"] += inter_after.tolist()
+        stats["objective"] += sim.gather(2, labels[..., None]).mean((1, 2)).tolist()  # mean cos to own centroid
+        stats["moved"] += (position // r != perm // r).sum(1).tolist()  # components whose expert changed
+        for name, p in zip(names, perm):
+            permute_components(layers[name], p, optimizer)
+            layers[name].signal_sum.zero_()
+            permutations[name] = p.tolist()
+    out = {key: sum(v) / len(v) for key, v in stats.items()}
+    out["moved"] = sum(stats["moved"])
+    return {**out, "per_layer": stats, "permutations": permutations}
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving, loading, exporting, merging
+
+
+def _atomic_write(path: Path, write):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """Every adapter tensor but the frozen base layer: A, B, the router or gate, A0 and B0."""
+    return {f"{name}.{k}": v.detach().contiguous() for name, a in adapters_of(model).items()
+            for k, v in a.state_dict().items() if not k.startswith("base.")}
+
+
+def save_adapters(model, out_dir):
+    """adapter.safetensors + adapter_config.json (method and hyperparameters), written atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "adapter.safetensors", lambda f: save_file(adapter_state(model), f))
+    _atomic_write(out / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(model.adapter_config, indent=2)))
+
+
+def load_adapters(model, adapter_dir) -> dict:
+    """Restore save_adapters' output onto a freshly loaded base model, exactly."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    for name in ("adapter_config.json", "adapter.safetensors"):
+        if not (adapter_dir / name).is_file():
+            raise FileNotFoundError(f"{adapter_dir / name} is missing: pass a folder written by save_adapters (a run directory).")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    hyper = {k: v for k, v in config.items() if k not in ("method", "active_rank", "trainable_params")}
+    add_adapters(model, config["method"], **hyper, init=False)
+    state = load_file(adapter_dir / "adapter.safetensors", device=str(model.lm_head.weight.device))
+    expected = adapter_state(model)
+    if set(state) != set(expected):
+        diff = sorted(set(state) ^ set(expected))[:3]
+        raise ValueError(f"{adapter_dir / 'adapter.safetensors'} does not fit this model and adapter_config.json (e.g. {diff}).")
+    for name, a in adapters_of(model).items():
+        a.load_state_dict({k: state[f"{name}.{k}"] for k in a.state_dict() if not k.startswith("base.")}, strict=False)
+        if config["method"] in SVD_METHODS:
+            set_residual(a)
+    return config
+
+
+def _hf_name(name: str) -> str:  # our module names drop Hugging Face's leading "model."
+    return name if name.startswith("lm_head") else "model." + name
+
+
+def export_peft(model, out_dir, base_model_name_or_path: str = ""):
+    """Write a lora or pissa adapter in PEFT's format (adapter_config.json + adapter_model.safetensors).
+
+    A pissa adapter is exported as PEFT's documented PiSSA-to-LoRA conversion: rank 2r with
+    A' = [A; A0], B' = [B, -B0] (and alpha doubled, keeping the scaling), so that it applies to the
+    original, unmodified base weights: W0 + s (B A - B0 A0) = W_res + s B A.
+    """
+    from safetensors.torch import save_file
+
+    cfg = model.adapter_config
+    if cfg["method"] not in ("lora", "pissa"):
+        raise ValueError(f"PEFT export covers lora and pissa; {cfg['method']} has no PEFT equivalent.")
+    pissa = cfg["method"] == "pissa"
+    tensors = {}
+    for name, a in adapters_of(model).items():
+        A, B = (torch.cat([a.A, a.A0]), torch.cat([a.B, -a.B0], 1)) if pissa else (a.A, a.B)
+        key = f"base_model.model.{_hf_name(name)}"
+        tensors[key + ".lora_A.weight"] = A.detach().contiguous()
+        tensors[key + ".lora_B.weight"] = B.detach().contiguous()
+    factor = 2 if pissa else 1
+    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+                   "r": cfg["lora_rank"] * factor, "lora_alpha": cfg["alpha"] * factor, "lora_dropout": cfg["dropout"],
+                   "target_modules": cfg["targets"], "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+                   "use_rslora": False, "use_dora": False, "modules_to_save": None}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "adapter_model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    _atomic_write(out / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(peft_config, indent=2)))
+
+
+@torch.no_grad()
+def merge_adapters(model, task_id: int | None = None):
+    """Fold lora, pissa or one task's cgc adapter into the base weights and remove the adapters:
+    W <- W + s B diag(c) A. Routed methods cannot merge: their gate depends on each input."""
+    for name, a in adapters_of(model).items():
+        if isinstance(a, MoE):
+            raise ValueError("loramoe / badit gates depend on each input, so they cannot be merged into the weights.")
+        if isinstance(a, CGC) and task_id is None:
+            raise ValueError("merging a cgc adapter needs task_id: its gate depends on the task.")
+        c = a.task_coefficients(torch.tensor([task_id], device=a.A.device))[0] if isinstance(a, CGC) else 1.0
+        W = a.base.weight
+        W.data = (W.float() + a.scaling * (a.B * c) @ a.A).to(W.dtype)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, a.base)
+    model.adapter_config = None
+    return model

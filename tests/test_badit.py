@@ -1,0 +1,324 @@
+"""badit.py: function-preserving init, SVD experts, k-means, exact regrouping, saving, PEFT parity."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from badit import (METHODS, accumulate_regroup_signal, add_adapters, adapters_of, balanced_assignment,
+                   export_peft, load_adapters, merge_adapters, regroup, routed_adapters, save_adapters,
+                   spherical_kmeans)
+from conftest import left_padded_batch
+from model import generate, load_model
+
+LENGTHS = [11, 7, 9]
+TASKS = torch.tensor([0, 2, 1])
+
+
+def adapted(path, method, **kw):
+    model = load_model(path)
+    kw = {"dropout": 0.0, **({"num_tasks": 3} if method == "cgc" else {}), **kw}
+    add_adapters(model, method, **kw)
+    return model
+
+
+def randomize_adapters(model, seed=0, scale=0.05):
+    """As after training: non-zero B, a non-uniform router."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def loss_of(model, ids, mask, task_ids=None):
+    logits = model(ids, mask, task_ids=task_ids)
+    return logits[mask.bool()].logsumexp(-1).mean() - logits[mask.bool()][:, 5].mean()
+
+
+# ---------------------------------------------------------------------------------------------- init
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_starts_at_the_base_function(tiny_checkpoints, method):
+    path = tiny_checkpoints["qwen3"]
+    ids, mask = left_padded_batch(LENGTHS)
+    base = load_model(path)(ids, mask)
+    model = adapted(path, method, targets=("gate_proj", "q_proj"))
+    out = model(ids, mask, task_ids=TASKS if method == "cgc" else None)
+    torch.testing.assert_close(out, base, atol=2e-5, rtol=0)
+    if method in ("pissa", "badit"):  # the adapters really hold part of the weight
+        a = adapters_of(model)["layers.0.mlp.gate_proj"]
+        assert a.B.abs().max() > 0.1
+
+
+def test_svd_experts(tiny_checkpoints):
+    path = tiny_checkpoints["llama3"]
+    W0 = load_model(path).layers[1].mlp.gate_proj.weight.detach().clone()
+    model = adapted(path, "badit", num_experts=6, rank=4, alpha=32)
+    a = adapters_of(model)["layers.1.mlp.gate_proj"]
+    A, B, s = a.A.detach(), a.B.detach(), a.scaling
+    off = lambda M: M - torch.diag(torch.diagonal(M))  # noqa: E731
+    assert off(A @ A.T).abs().max() < 1e-5 and off(B.T @ B).abs().max() < 1e-5  # orthogonal rows / columns
+    S = torch.linalg.svdvals(W0)
+    strengths = s * A.norm(dim=1) * B.norm(dim=0)  # singular value carried by each component
+    torch.testing.assert_close(strengths, S[:24], atol=1e-5, rtol=1e-5)
+    assert strengths[:4].min() > strengths[4:].max()  # expert 0 holds the largest
+    torch.testing.assert_close(s * B @ A + a.base.weight, W0, atol=1e-6, rtol=0)
+
+
+def test_routing_is_identical_in_training_and_generation(tiny_checkpoints):
+    """The gate computed on the prompt at prefill is reused while decoding: a full forward over
+    the generated text that routes on the prompt positions predicts the same tokens."""
+    model = adapted(tiny_checkpoints["llama3"], "badit")
+    randomize_adapters(model, scale=0.5)
+    ids, mask = left_padded_batch(LENGTHS)
+    out = generate(model, ids, mask, max_new_tokens=5)
+    full_mask = torch.cat([mask, torch.ones(len(LENGTHS), 5, dtype=mask.dtype)], 1)
+    route = torch.cat([mask, torch.zeros(len(LENGTHS), 5, dtype=mask.dtype)], 1)
+    logits = model(out[:, :-1], full_mask[:, :-1], route_mask=route[:, :-1])
+    assert torch.equal(logits[:, ids.shape[1] - 1:].argmax(-1), out[:, ids.shape[1]:])
+    wrong = model(out[:, :-1], full_mask[:, :-1])  # routing over the answer too changes the gates
+    assert not torch.allclose(wrong, logits, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- k-means
+
+
+def planted(L, K, per, D, noise, seed):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.nn.functional.normalize(torch.randn(L, K, D, generator=g), dim=-1)
+    labels = torch.arange(K).repeat_interleave(per)[torch.randperm(K * per, generator=g)].expand(L, -1)
+    x = centers.gather(1, labels[..., None].expand(-1, -1, D)) + noise * torch.randn(L, K * per, D, generator=g)
+    return x * torch.rand(L, K * per, 1, generator=g) * 3, labels  # arbitrary norms: only directions count
+
+
+def test_kmeans_recovers_planted_clusters():
+    from sklearn.metrics import adjusted_rand_score
+
+    x, truth = planted(L=5, K=6, per=4, D=300, noise=0.02, seed=0)
+    labels, centroids = spherical_kmeans(x, 6)
+    for l in range(5):
+        assert adjusted_rand_score(truth[l], labels[l]) == 1.0
+    torch.testing.assert_close(centroids.norm(dim=-1), torch.ones(5, 6))
+
+
+def test_kmeans_batched_equals_loop_and_is_seeded():
+    x, _ = planted(L=4, K=5, per=5, D=64, noise=0.6, seed=1)  # overlapping clusters: restarts matter
+    labels, centroids = spherical_kmeans(x, 5, seed=3)
+    for l in range(4):
+        one_labels, one_centroids = spherical_kmeans(x[l], 5, seed=3)
+        assert torch.equal(one_labels, labels[l])
+        torch.testing.assert_close(one_centroids, centroids[l])
+    again = spherical_kmeans(x, 5, seed=3)
+    assert torch.equal(again[0], labels) and torch.equal(again[1], centroids)
+
+
+def test_kmeans_objective_not_worse_than_sklearn():
+    """Mean cosine to the own centroid, over 8 hard (overlapping) problems, against the reference
+    code's clustering: scikit-learn KMeans on the normalised vectors, one layer at a time."""
+    from sklearn.cluster import KMeans
+
+    L, D = 8, 200
+    x, _ = planted(L=L, K=6, per=4, D=D, noise=0.8, seed=2)
+    z = torch.nn.functional.normalize(x, dim=-1)
+    labels, centroids = spherical_kmeans(x, 6)
+    ours = (z * centroids.gather(1, labels[..., None].expand_as(z))).sum(-1).mean()
+    ref = 0.0
+    for l in range(L):
+        lab = torch.as_tensor(KMeans(6, n_init=10, max_iter=100, random_state=0).fit(z[l].numpy()).labels_)
+        c = torch.nn.functional.normalize(torch.zeros(6, D).index_add(0, lab, z[l]), dim=-1)
+        ref += (z[l] * c[lab]).sum(-1).mean() / L
+    assert ours >= ref
+
+
+@settings(max_examples=60, deadline=None)
+@given(L=st.integers(1, 4), K=st.integers(1, 7), r=st.integers(1, 5), seed=st.integers(0, 10**6))
+def test_balanced_assignment_is_an_exact_balanced_permutation(L, K, r, seed):
+    sim = torch.rand(L, K * r, K, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    perm = balanced_assignment(sim, r)
+    assert torch.equal(perm.sort(1).values, torch.arange(K * r).expand(L, -1))
+    expert = torch.arange(K * r) // r  # position i belongs to expert i // r: r each by construction
+    placed = sim.gather(1, perm[..., None].expand(-1, -1, K)).gather(2, expert.expand(L, -1)[..., None])[..., 0]
+    assert (placed.view(L, K, r).diff(dim=2) <= 0).all()  # descending similarity within an expert
+    best = sim.view(L, -1).argmax(1)  # the best pair overall is always honoured
+    j, e = best // K, best % K
+    for l in range(L):
+        assert (perm[l] == j[l]).nonzero().item() // r == e[l]
+
+
+# ---------------------------------------------------------------------------------------------- regroup
+
+
+def train_steps(model, batches, optimizer=None, accumulate=True):
+    for seed in batches:
+        ids, mask = left_padded_batch(LENGTHS, seed=seed)
+        loss_of(model, ids, mask).backward()
+        if accumulate:
+            accumulate_regroup_signal(model)
+        if optimizer is not None:
+            optimizer.step()
+        model.zero_grad()
+
+
+def test_regroup_is_an_exact_permutation_and_keeps_uniform_routing_function(tiny_checkpoints):
+    model = adapted(tiny_checkpoints["llama3"], "badit")
+    ids, mask = left_padded_batch(LENGTHS)
+    before_logits = model(ids, mask)
+    train_steps(model, [1, 2])  # gradients only: G stays 0, routing uniform
+    before = {n: (a.A.detach().clone(), a.B.detach().clone()) for n, a in routed_adapters(model).items()}
+    diag = regroup(model)
+    assert diag["moved"] > 0
+    for name, a in routed_adapters(model).items():
+        perm = torch.tensor(diag["permutations"][name])
+        assert torch.equal(perm.sort().values, torch.arange(24))
+        A, B = before[name]
+        assert torch.equal(a.A, A[perm]) and torch.equal(a.B, B[:, perm])
+    torch.testing.assert_close(model(ids, mask), before_logits, atol=1e-5, rtol=0)
+    assert diag["intra_after"] < diag["intra_before"]  # experts became more coherent
+    assert {"inter_before", "inter_after", "objective"} <= set(diag)
+
+
+def test_regroup_moves_adamw_state_with_the_components(tiny_checkpoints):
+    """Regroup after a step, then step: equals stepping a model that started in the permuted order."""
+    path = tiny_checkpoints["llama3"]
+    first = adapted(path, "badit")
+    for a in routed_adapters(first).values():
+        a.G.requires_grad_(False)  # uniform routing: the order of components is then irrelevant
+    second = copy.deepcopy(first)
+    opt = torch.optim.AdamW([p for p in first.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    train_steps(first, [1], opt)
+    perms = regroup(first, opt)["permutations"]
+    train_steps(first, [2], opt)
+
+    for name, a in routed_adapters(second).items():
+        perm = torch.tensor(perms[name])
+        with torch.no_grad():
+            a.A.copy_(a.A[perm])
+            a.B.copy_(a.B[:, perm])
+    opt2 = torch.optim.AdamW([p for p in second.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    train_steps(second, [1, 2], opt2, accumulate=False)
+    for name, a in routed_adapters(first).items():
+        b = routed_adapters(second)[name]
+        torch.testing.assert_close(a.A, b.A, atol=1e-6, rtol=0)
+        torch.testing.assert_close(a.B, b.B, atol=1e-6, rtol=0)
+
+
+def test_regroup_signals(tiny_checkpoints):
+    """'accumulated' clusters the sum of gradients since the last regroup, 'last' the last one."""
+    path = tiny_checkpoints["llama3"]
+    model = adapted(path, "badit")
+    train_steps(model, [1])
+    g1 = {n: a.signal_sum.clone() for n, a in routed_adapters(model).items()}
+    train_steps(model, [2])
+    for n, a in routed_adapters(model).items():
+        torch.testing.assert_close(a.signal_sum, g1[n] + a.signal_last)
+    last, accumulated = copy.deepcopy(model), copy.deepcopy(model)
+    only_last = copy.deepcopy(model)
+    for a in routed_adapters(only_last).values():
+        a.signal_sum.copy_(a.signal_last)
+    p_last = regroup(last, signal="last")["permutations"]
+    assert p_last == regroup(only_last)["permutations"]
+    assert p_last != regroup(accumulated)["permutations"]
+    assert all((a.signal_sum == 0).all() for a in routed_adapters(last).values())  # restarts after a regroup
+
+
+# ---------------------------------------------------------------------------------------------- save, load, merge
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_and_load_restore_exactly(tiny_checkpoints, tmp_path, method):
+    path = tiny_checkpoints["qwen2"]
+    model = adapted(path, method)
+    randomize_adapters(model)
+    save_adapters(model, tmp_path)
+    restored = load_model(path)
+    load_adapters(restored, tmp_path)
+    ids, mask = left_padded_batch(LENGTHS)
+    task_ids = TASKS if method == "cgc" else None
+    assert torch.equal(model(ids, mask, task_ids=task_ids), restored(ids, mask, task_ids=task_ids))
+    assert restored.adapter_config == model.adapter_config
+
+
+def test_cgc_merges_per_task(tiny_checkpoints):
+    path = tiny_checkpoints["qwen2"]
+    model = adapted(path, "cgc")
+    randomize_adapters(model, scale=0.3)
+    ids, mask = left_padded_batch(LENGTHS)
+    outputs = model(ids, mask, task_ids=torch.tensor([2, 2, 2]))
+    merged = merge_adapters(copy.deepcopy(model), task_id=2)
+    assert not adapters_of(merged)
+    torch.testing.assert_close(merged(ids, mask), outputs, atol=1e-5, rtol=0)
+    other = model(ids, mask, task_ids=torch.tensor([0, 0, 0]))
+    assert not torch.allclose(other, outputs, atol=1e-3)  # the task id matters
+
+
+# ---------------------------------------------------------------------------------------------- PEFT parity
+
+
+def peft_model(path, r, seed=None):
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import hf_model
+
+    return get_peft_model(hf_model(path), LoraConfig(r=r, lora_alpha=32, lora_dropout=0.0, target_modules=["gate_proj"]))
+
+
+def hf_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)).logits
+
+
+def test_lora_matches_peft(tiny_checkpoints):
+    path = tiny_checkpoints["llama3"]
+    ours = adapted(path, "lora", num_experts=6, rank=4)
+    randomize_adapters(ours, scale=0.1)
+    ref = peft_model(path, r=24)
+    sd = ref.state_dict()
+    for name, a in adapters_of(ours).items():
+        sd[f"base_model.model.model.{name}.lora_A.default.weight"].copy_(a.A)
+        sd[f"base_model.model.model.{name}.lora_B.default.weight"].copy_(a.B)
+    ids, mask = left_padded_batch(LENGTHS)
+    real = mask.bool()
+    torch.testing.assert_close(ours(ids, mask)[real], hf_logits(ref, ids, mask)[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa"])
+def test_peft_export_loads_in_peft(tiny_checkpoints, tmp_path, method):
+    from peft import PeftModel
+
+    from conftest import hf_model
+
+    path = tiny_checkpoints["llama3"]
+    ours = adapted(path, method)
+    randomize_adapters(ours, scale=0.1)
+    export_peft(ours, tmp_path)
+    ref = PeftModel.from_pretrained(hf_model(path), tmp_path).eval()  # on the original, unmodified weights
+    ids, mask = left_padded_batch(LENGTHS)
+    real = mask.bool()
+    torch.testing.assert_close(ours(ids, mask)[real], hf_logits(ref, ids, mask)[real], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input(tiny_checkpoints):
+    path = tiny_checkpoints["llama3"]
+    with pytest.raises(ValueError, match=r"targets \('gatee_proj',\) match no linear layer.*gate_proj"):
+        adapted(path, "lora", targets=("gatee_proj",))
+    with pytest.raises(ValueError, match="72 components .* exceed min\\(out, in\\) = 64"):
+        adapted(path, "badit", num_experts=6, rank=12)
+    with pytest.raises(ValueError, match="unknown method 'bdit'; choose one of lora, pissa"):
+        adapted(path, "bdit")
+    with pytest.raises(ValueError, match="cgc needs num_tasks"):
+        add_adapters(load_model(path), "cgc")
+    model = adapted(path, "cgc")
+    ids, mask = left_padded_batch(LENGTHS)
+    with pytest.raises(ValueError, match="cgc adapters need a task id per sequence"):
+        model(ids, mask)
+    with pytest.raises(ValueError, match="badit gates depend on each input"):
+        merge_adapters(adapted(path, "badit"))
+    with pytest.raises(ValueError, match="no gradient signal yet"):
+        regroup(adapted(path, "badit"))
