@@ -219,18 +219,6 @@ def adapters_of(model) -> dict[str, Adapter]:
 # Spherical k-means, batched over layers (SPEC section 5)
 
 
-def _centroid_similarity(gram, labels, k):
-    """cos(z_i, c_k) for every point and cluster, from the Gram matrix alone.
-
-    c_k = S_k / ||S_k|| with S_k the sum of cluster k's unit vectors, so z_i . c_k = (G M)_ik / ||S_k||
-    and ||S_k||^2 = sum_{j, j' in k} G_jj'. gram (b, N, N), labels (b, N) -> (b, N, k) and ||S_k|| (b, k).
-    """
-    M = F.one_hot(labels, k).to(gram.dtype)  # (b, N, k)
-    GM = gram @ M
-    norm = (M * GM).sum(1).clamp(min=0).sqrt()  # (b, k); 0 for an empty cluster
-    return GM / norm.clamp(min=1e-12)[:, None, :], norm
-
-
 def _kmeans_pp(gram, u):
     """Greedy k-means++ on the sphere (as scikit-learn seeds k-means): each next seed is the best of
     a few candidates drawn with probability proportional to 1 - cos to the nearest seed so far,
@@ -251,77 +239,90 @@ def _kmeans_pp(gram, u):
     return torch.gather(gram, 2, seeds[:, None, :].expand(b, N, -1)).argmax(-1)
 
 
-def _best_move(gram, labels, k):
-    """Dhillon et al.'s "first variation" (2002): move the one point whose move to another cluster
-    most increases the objective sum_k ||S_k||, where Lloyd iterations stop at a local optimum.
-
-    Moving z_i from a to b: ||S_a - z_i|| = sqrt(||S_a||^2 - 2 z_i.S_a + ||z_i||^2), likewise for
-    ||S_b + z_i||: Gram entries again. Points alone in their cluster stay. -> labels, moved (b,)."""
-    b, N, _ = gram.shape
-    M = F.one_hot(labels, k).to(gram.dtype)
-    GM = gram @ M  # (b, N, k) z_i . S_k
-    sq = (M * GM).sum(1)  # (b, k) ||S_k||^2
-    zz = gram.diagonal(dim1=1, dim2=2)  # (b, N) ||z_i||^2
-    own_sq, own_dot = sq.gather(1, labels), GM.gather(2, labels[..., None])[..., 0]
-    leave = (own_sq - 2 * own_dot + zz).clamp(min=0).sqrt() - own_sq.sqrt()  # (b, N)
+def _best_moves(M, GM, sq, zz):
+    """Dhillon et al.'s "first variation" (2002): per problem, the one point whose move to another
+    cluster most increases the objective sum_k ||S_k||, where Lloyd iterations stop at a local
+    optimum. Moving z_i from a to b changes ||S_a|| to sqrt(||S_a||^2 - 2 z_i.S_a + ||z_i||^2) and
+    ||S_b|| to sqrt(||S_b||^2 + 2 z_i.S_b + ||z_i||^2): Gram entries again. Points alone in their
+    cluster stay. M one-hot (b, N, k), GM = G M, sq (b, k) = ||S_k||^2, zz (b, N) = ||z_i||^2.
+    -> point (b,), cluster (b,), and whether the move gains (b,)."""
+    b, N, k = M.shape
+    own_sq, own_dot = (M * sq[:, None, :]).sum(-1), (M * GM).sum(-1)  # (b, N)
+    leave = (own_sq - 2 * own_dot + zz).clamp(min=0).sqrt() - own_sq.sqrt()
     join = (sq[:, None, :] + 2 * GM + zz[..., None]).clamp(min=0).sqrt() - sq.sqrt()[:, None, :]  # (b, N, k)
-    delta = (leave[..., None] + join).masked_fill(M.bool(), -math.inf)
-    delta.masked_fill_((M.sum(1).gather(1, labels) == 1)[..., None], -math.inf)
+    alone = (M * M.sum(1, keepdim=True)).sum(-1) == 1  # (b, N)
+    delta = (leave[..., None] + join).masked_fill(M.bool() | alone[..., None], -math.inf)
     best, flat = delta.view(b, -1).max(-1)
-    moved = best > 1e-5  # float32 noise must not count as a gain
-    rows = torch.arange(b, device=gram.device)[moved]
-    labels = labels.clone()
-    labels[rows, flat[moved] // k] = flat[moved] % k
-    return labels, moved
+    return flat // k, flat % k, best > 1e-5  # float32 noise must not count as a gain
+
+
+def _reseed_empty(labels, sim, k):
+    """An empty cluster takes the point least similar to its centroid (rare: a loop is fine)."""
+    own = sim.gather(2, labels[..., None])[..., 0]
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    for c in range(k):
+        empty = (labels == c).sum(-1) == 0
+        if empty.any():
+            worst = own.argmin(-1)
+            labels[rows[empty], worst[empty]] = c
+            own[rows[empty], worst[empty]] = math.inf
+    return labels
 
 
 def spherical_kmeans(x, k: int, n_init: int = 10, max_iter: int = 100, seed: int = 0):
     """Spherical k-means of x (N, D) or (L, N, D), all L problems and all restarts in one batch.
 
-    Similarity is the cosine; centroids are normalised sums; an empty cluster is re-seeded with the
-    point least similar to its centroid; where assignments stop changing, the best single-point
-    move is tried (_best_move) and iterations go on; it stops when neither changes anything or
-    after max_iter; per problem, the restart with the largest total cosine wins. With N much
-    smaller than D all of this runs on the N x N Gram matrix, so the D-dimensional data is read
-    twice: for the Gram matrix and for the final centroids. Every problem uses the same random
-    numbers, so a layer's result does not depend on the layers batched with it. Runs on x's device.
+    Similarity is the cosine; centroids are normalised sums S_k of unit vectors; an empty cluster
+    is re-seeded with the point least similar to its centroid; where assignments stop changing,
+    the best single-point move is made (_best_moves) and iterations go on; it stops when nothing
+    changes or after max_iter; per problem, the restart with the largest total cosine sum_k ||S_k||
+    wins. With N much smaller than D it all runs on the N x N cosine (Gram) matrix, since
+    z_i . c_k = (G M)_ik / ||S_k|| and ||S_k||^2 = (M^T G M)_kk for the one-hot assignment M: the
+    D-dimensional data is read twice, for the Gram matrix and for the final centroids. Every
+    problem uses the same random numbers, so a layer's result does not depend on the layers
+    batched with it. Runs on x's device.
     Returns labels (L, N) and unit centroids (L, k, D) (without the L axis for 2-d input).
     """
-    Z = F.normalize(x.float(), dim=-1, eps=1e-12)
-    Z = Z[None] if x.dim() == 2 else Z
-    L, N, _ = Z.shape
+    X = x.float()[None] if x.dim() == 2 else x.float()
+    L, N, _ = X.shape
     if not 1 <= k <= N:
         raise ValueError(f"spherical_kmeans: k = {k} clusters for {N} points; need 1 <= k <= N.")
-    gen = torch.Generator(device=Z.device).manual_seed(seed)
+    dots = X @ X.transpose(1, 2)  # (L, N, N)
+    inv_norm = 1 / dots.diagonal(dim1=1, dim2=2).sqrt().clamp(min=1e-12)  # (L, N): 1 / ||x_i||
+    gram = (dots * inv_norm[:, :, None] * inv_norm[:, None, :]).repeat_interleave(n_init, dim=0)  # (b, N, N) cosines
+    zz = gram.diagonal(dim1=1, dim2=2)  # 1, or 0 for a zero vector
+    gen = torch.Generator(device=X.device).manual_seed(seed)
     trials = 2 + int(math.log(k))  # scikit-learn's number of candidates per seed
-    u = torch.rand(n_init, k, trials, generator=gen, device=Z.device).repeat(L, 1, 1)  # (L n_init, k, trials)
-    gram = (Z @ Z.transpose(1, 2)).repeat_interleave(n_init, dim=0)  # (L n_init, N, N)
-    rows = torch.arange(L * n_init, device=Z.device)
-
+    u = torch.rand(n_init, k, trials, generator=gen, device=X.device).repeat(L, 1, 1)  # (b, k, trials)
+    rows = torch.arange(L * n_init, device=X.device)
     labels = _kmeans_pp(gram, u)
+    todo, g, z, lab = rows, gram, zz, labels  # the problems still changing, compacted as they finish
+    clusters = torch.arange(k, device=X.device)
     for _ in range(max_iter):
-        sim, _ = _centroid_similarity(gram, labels, k)
+        M = (lab[..., None] == clusters).to(g.dtype)  # (b, N, k) one-hot
+        GM = g @ M  # z_i . S_k
+        sq = (M * GM).sum(1)  # (b, k) ||S_k||^2
+        sim = GM / sq.clamp(min=1e-24).sqrt()[:, None, :]  # cos(z_i, c_k)
         new = sim.argmax(-1)
-        own = sim.gather(2, new[..., None])[..., 0]  # (b, N) cos to the assigned centroid
-        for c in range(k):  # re-seed empty clusters with the point least similar to its centroid
-            empty = (new == c).sum(-1) == 0
-            if empty.any():
-                worst = own.argmin(-1)
-                new[rows[empty], worst[empty]] = c
-                own[rows[empty], worst[empty]] = float("inf")
-        settled = (new == labels).all(-1)
-        if settled.any():
-            moved, did_move = _best_move(gram[settled], labels[settled], k)
-            new[settled] = moved
-            settled[settled.clone()] = ~did_move
-        if settled.all():
+        if (sq == 0).any() or ((new[..., None] == clusters).sum(1) == 0).any():
+            new = _reseed_empty(new, sim, k)
+        settled = (new == lab).all(-1)  # Lloyd is done there: try one move
+        point, cluster, gain = _best_moves(M, GM, sq, z)
+        move = settled & gain
+        active = torch.arange(len(todo), device=X.device)
+        new[active[move], point[move]] = cluster[move]
+        labels[todo] = new
+        changing = ~settled | move
+        if not changing.any():
             break
-        labels = new
+        todo, g, z, lab = todo[changing], g[changing], z[changing], new[changing]
 
-    _, norm = _centroid_similarity(gram, labels, k)
-    best = norm.sum(-1).view(L, n_init).argmax(1)  # total cosine = sum_k ||S_k||
-    labels = labels.view(L, n_init, N)[torch.arange(L, device=Z.device), best]
-    centroids = F.normalize(F.one_hot(labels, k).to(Z.dtype).transpose(1, 2) @ Z, dim=-1, eps=1e-12)
+    M = F.one_hot(labels, k).to(gram.dtype)
+    total = (M * (gram @ M)).sum(1).clamp(min=0).sqrt().sum(-1)  # sum_k ||S_k||
+    best = total.view(L, n_init).argmax(1)
+    labels = labels.view(L, n_init, N)[torch.arange(L, device=X.device), best]
+    weights = F.one_hot(labels, k).to(X.dtype) * inv_norm[..., None]  # (L, N, k): sums of unit vectors
+    centroids = F.normalize(weights.transpose(1, 2) @ X, dim=-1, eps=1e-12)
     return (labels[0], centroids[0]) if x.dim() == 2 else (labels, centroids)
 
 
