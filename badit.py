@@ -150,8 +150,8 @@ def svd_init_experts(adapter: Adapter):
     with torch.no_grad():
         adapter.A.copy_(root[:, None] * Vh[:N])
         adapter.B.copy_(U[:, :N] * root[None, :])
-    adapter.register_buffer("A0", adapter.A.detach().clone())  # kept: they define the residual
-    adapter.register_buffer("B0", adapter.B.detach().clone())
+        adapter.A0.copy_(adapter.A)  # kept (buffers made by add_adapters): they define the residual
+        adapter.B0.copy_(adapter.B)
     set_residual(adapter)
 
 
@@ -195,7 +195,7 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=6, rank
             adapter = CGC(base, common_experts, task_experts, num_tasks, rank, alpha, dropout, model.routing)
         else:
             adapter = MoE(base, num_experts, rank, alpha, dropout, model.routing, top_k)
-        if method in SVD_METHODS:  # buffers that load_adapters fills when init is False
+        if method in SVD_METHODS:  # the initial components, which define the frozen residual
             adapter.register_buffer("A0", torch.zeros_like(adapter.A))
             adapter.register_buffer("B0", torch.zeros_like(adapter.B))
         if init:

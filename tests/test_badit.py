@@ -258,7 +258,7 @@ def test_cgc_merges_per_task(tiny_checkpoints):
 # ---------------------------------------------------------------------------------------------- PEFT parity
 
 
-def peft_model(path, r, seed=None):
+def peft_model(path, r):
     from peft import LoraConfig, get_peft_model
 
     from conftest import hf_model
