@@ -386,10 +386,10 @@ def expert_angles(Z, r: int):
     E = Z.view(L, K, r, D)
     gram = E @ E.transpose(-1, -2)  # (L, K, r, r)
     off = gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-    intra = torch.rad2deg(torch.arccos((off / (r * (r - 1))).clamp(-1, 1))).mean(-1)
+    intra = torch.rad2deg(torch.arccos((off / max(r * (r - 1), 1)).clamp(-1, 1))).mean(-1)  # 90 when r = 1
     means = F.normalize(E.mean(2), dim=-1, eps=1e-12)  # (L, K, D)
     mg = means @ means.transpose(1, 2)
-    inter_cos = (mg.sum((-1, -2)) - mg.diagonal(dim1=-2, dim2=-1).sum(-1)) / (K * (K - 1))
+    inter_cos = (mg.sum((-1, -2)) - mg.diagonal(dim1=-2, dim2=-1).sum(-1)) / max(K * (K - 1), 1)
     return intra, torch.rad2deg(torch.arccos(inter_cos.clamp(-1, 1)))
 
 

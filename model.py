@@ -328,6 +328,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.windows = {layer.self_attn.window for layer in self.layers}  # one mask per distinct window
         self.routing = Routing()
         self.activation_checkpointing = False  # recompute each block in backward to save memory
 
@@ -355,8 +356,7 @@ class Transformer(nn.Module):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, L)
         freqs = positions[..., None].float() * self.inv_freq.float()  # (B, L, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, hd), broadcast over heads
-        windows = {layer.self_attn.window for layer in self.layers}
-        masks = attention_masks(attention_mask, past, L, windows)
+        masks = attention_masks(attention_mask, past, L, self.windows)
 
         h = self.embed_tokens(input_ids)  # (B, L, dim)
         if self.args.embed_scale:
@@ -510,8 +510,8 @@ def load_model(path, device=None, dtype=None) -> Transformer:
 class Tokenizer:
     """tokenizer.json through the `tokenizers` package, with special ids resolved as HF does.
 
-    BOS/EOS around an encoded text: tokenizer_config.json's add_bos_token / add_eos_token when
-    given, else tokenizer.json's own post-processor. eos_token_id is the tokenizer's EOS (the
+    BOS around an encoded text: as transformers 5 does, tokenizer.json's own post-processor decides
+    (Llama-3's and Gemma-2's add BOS, Qwen's and SmolLM's do not). eos_token_id is the tokenizer's EOS (the
     training target's end); stop_token_ids adds generation_config.json's EOS ids, which instruct
     models often extend (Llama-3's <|eot_id|>), and is what generation stops on.
     """
@@ -547,15 +547,9 @@ class Tokenizer:
         gen_eos = gen_cfg.get("eos_token_id", cfg.get("eos_token_id"))
         gen_eos = gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
         self.stop_token_ids = list(dict.fromkeys([self.eos_token_id, *gen_eos]))
-        explicit = "add_bos_token" in tok_cfg or "add_eos_token" in tok_cfg
-        self.add_bos = bool(tok_cfg.get("add_bos_token")) and self.bos_token_id is not None if explicit else None
-        self.add_eos = bool(tok_cfg.get("add_eos_token")) if explicit else None
 
     def encode(self, text: str) -> list[int]:
-        if self.add_bos is None:
-            return self.tk.encode(text).ids
-        ids = self.tk.encode(text, add_special_tokens=False).ids
-        return [self.bos_token_id] * self.add_bos + ids + [self.eos_token_id] * self.add_eos
+        return self.tk.encode(text).ids  # BOS only where tokenizer.json's post-processor adds it
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)

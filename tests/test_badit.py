@@ -322,3 +322,12 @@ def test_bad_input(tiny_checkpoints):
         merge_adapters(adapted(path, "badit"))
     with pytest.raises(ValueError, match="no gradient signal yet"):
         regroup(adapted(path, "badit"))
+
+
+def test_expert_angles_for_single_components_and_experts():
+    from badit import expert_angles
+
+    Z = torch.nn.functional.normalize(torch.randn(2, 6, 10), dim=-1)
+    for r in (1, 6):  # six experts of rank 1; one expert of rank 6
+        intra, inter = expert_angles(Z, r)
+        assert torch.isfinite(intra).all() and torch.isfinite(inter).all()

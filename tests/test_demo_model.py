@@ -64,3 +64,20 @@ def test_logits_and_greedy_continuation_match_transformers(demo_model_dir, hf_gg
                                      eos_token_id=tok.stop_token_ids, pad_token_id=tok.pad_token_id)
     assert torch.equal(out, ref_out)
     assert (out[:, ids.shape[1]:] != tok.pad_token_id).sum() >= 30  # it really generated text
+
+
+def test_bos_follows_tokenizer_json_as_transformers(demo_model_dir, tmp_path):
+    """transformers 5 leaves BOS to tokenizer.json's post-processor, even when tokenizer_config.json
+    says add_bos_token: our tokenizer must encode exactly as it does."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_model_dir / name, tmp_path / name)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": True}))
+    ours, ref = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    text = "Hello world, this is a test."
+    assert ours.encode(text) == ref.encode(text) == [19556, 905, 28, 451, 314, 253, 1028, 30]
