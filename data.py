@@ -1,18 +1,281 @@
-"""SuperNI data: the prompt of SPEC section 7 and reading tasks in the natural-instructions format."""
+"""SuperNI data (SPEC section 7): reading tasks, the prompt, tokenising with label masks, batching,
+and the embedded classroom suite.
 
+A task lives in <root>/<task>/{train,dev,test}.json in the natural-instructions format:
+`Definition` (list of strings) and `Instances` (list of {id, input, output}, output a list of
+acceptable answers). `--data classroom` (the default everywhere) is a small suite generated here,
+deterministically, in the same format: `python data.py --export DIR` writes it to disk.
+
+    python data.py --export DIR        # the classroom suite in SuperNI layout
+    python data.py --show ROOT         # tasks, split sizes and one prompt per task
+"""
+
+import argparse
 import json
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 # SPEC section 7, exactly; note the trailing space after "Output:".
 PROMPT = "{definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
+SPLITS = ("train", "dev", "test")
+CLASSROOM = "classroom"
 
 
 def format_prompt(definition: str, input: str) -> str:
     return PROMPT.format(definition=definition, input=input)
 
 
-def read_task(root, task: str, split: str) -> tuple[str, list[dict]]:
-    """(definition, instances) of <root>/<task>/<split>.json; each instance has id, input, output (a list)."""
+# ----------------------------------------------------------------------------------------------
+# Reading tasks
+
+
+@dataclass
+class Task:
+    name: str
+    definition: str
+    instances: list  # [{id, input, output: [str, ...]}]
+    source: str  # the file, for error messages
+
+
+def list_tasks(root) -> list[str]:
+    """Task names (sorted) of a SuperNI root, or of the classroom suite."""
+    if str(root) == CLASSROOM:
+        return list(CLASSROOM_TASKS)
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist: pass --data with a folder holding <task>/train.json "
+                                f"etc. (SuperNI layout), or --data {CLASSROOM} for the embedded suite.")
+    tasks = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not tasks:
+        raise FileNotFoundError(f"data root {root} has no task folders (expected <root>/<task>/train.json, dev.json, test.json).")
+    return tasks
+
+
+def read_task(root, task: str, split: str) -> Task:
+    """One task's split, checked field by field."""
+    if str(root) == CLASSROOM:
+        return classroom_task(task, split)
     file = Path(root) / task / f"{split}.json"
-    data = json.loads(file.read_text())
-    return " ".join(data["Definition"]), data["Instances"]
+    if not (Path(root) / task).is_dir():
+        raise FileNotFoundError(f"task {task!r} not found in {root}; available: {', '.join(list_tasks(root))}.")
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: every task folder needs {', '.join(s + '.json' for s in SPLITS)}.")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object with 'Definition' and 'Instances'.")
+    for key, kind in (("Definition", list), ("Instances", list)):
+        if key not in data:
+            raise ValueError(f"{file}: field '{key}' is missing (natural-instructions format).")
+        if not isinstance(data[key], kind):
+            raise ValueError(f"{file}: field '{key}' must be a list.")
+    if not data["Instances"]:
+        raise ValueError(f"{file}: field 'Instances' is empty; the task has no {split} examples.")
+    for i, inst in enumerate(data["Instances"]):
+        for key in ("input", "output"):
+            if key not in inst:
+                raise ValueError(f"{file}: Instances[{i}] has no field '{key}'.")
+        outputs = inst["output"] if isinstance(inst["output"], list) else [inst["output"]]
+        if not outputs or not all(isinstance(o, str) for o in outputs):
+            raise ValueError(f"{file}: Instances[{i}].output must be a non-empty list of strings.")
+        inst["output"] = outputs
+        inst.setdefault("id", f"{task}-{split}-{i}")
+    return Task(task, " ".join(data["Definition"]), data["Instances"], str(file))
+
+
+def load_tasks(root, tasks=None, split="train", limit=None) -> list[Task]:
+    """The chosen tasks (default: all of the root), the first `limit` instances of each."""
+    names = list(tasks) if tasks else list_tasks(root)
+    out = []
+    for name in names:
+        task = read_task(root, name, split)
+        task.instances = task.instances[:limit] if limit else task.instances
+        out.append(task)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenising: prompt, answer + EOS, label mask, truncation of the input only
+
+
+@dataclass
+class Example:
+    task: str
+    task_id: int
+    id: str
+    prompt_ids: list  # token ids of the prompt (the router's positions)
+    answer_ids: list  # answer + EOS (the loss's positions); empty for evaluation
+    references: list = field(default_factory=list)  # every acceptable output
+
+    def __len__(self):
+        return len(self.prompt_ids) + len(self.answer_ids)
+
+
+def encode_prompt(tok, task: Task, input: str, budget: int) -> list[int]:
+    """Token ids of the SPEC prompt in at most `budget` tokens, shortening the end of the input only."""
+    ids = tok.encode(format_prompt(task.definition, input))
+    if len(ids) <= budget:
+        return ids
+    bare = len(tok.encode(format_prompt(task.definition, "")))
+    if bare > budget:
+        raise ValueError(f"{task.source}: the 'Definition' and the prompt template take {bare} tokens, more than the "
+                         f"{budget} left of the maximum length after the answer; raise --max-len (the definition "
+                         f"is never cut).")
+    ends = [end for _, end in tok.offsets(input)]  # character end of each input token
+    keep = len(ends)
+    while len(ids) > budget:  # cutting at a token boundary may merge tokens differently: re-check
+        keep = max(0, keep - (len(ids) - budget))
+        ids = tok.encode(format_prompt(task.definition, input[:ends[keep - 1]] if keep else ""))
+    return ids
+
+
+def encode_examples(tok, tasks: list[Task], task_names: list[str], max_len=1024, max_answer_len=50,
+                    train=True, seed=0) -> list[Example]:
+    """Training examples (prompt + one answer + EOS, the answer drawn with a seeded generator) or
+    evaluation examples (prompt only, every output kept as a reference). task_names fixes task ids."""
+    out = []
+    for task in tasks:
+        for inst in task.instances:
+            answer = []
+            if train:
+                choice = random.Random(f"{seed}:{task.name}:{inst['id']}").choice(inst["output"])
+                answer = tok.encode(choice, add_special_tokens=False)[:max_answer_len] + [tok.eos_token_id]
+            budget = max_len - (len(answer) if train else max_answer_len)
+            prompt = encode_prompt(tok, task, inst["input"], budget)
+            out.append(Example(task.name, task_names.index(task.name), str(inst["id"]), prompt, answer, inst["output"]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+
+
+def batch_order(examples: list[Example], batch_size: int, seed: int, epoch: int, group_by_length=True) -> list[list[int]]:
+    """Global batches of indices for one epoch, the same on every data-parallel rank.
+
+    Shuffled with seed + epoch. Grouping by length sorts each window of 50 batches by length before
+    cutting it into batches (less padding), then shuffles the batches."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    if group_by_length:
+        window = 50 * batch_size
+        order = [i for s in range(0, len(order), window)
+                 for i in sorted(order[s:s + window], key=lambda i: -len(examples[i]))]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int, device="cpu") -> dict:
+    """Left-padded tensors (B, L): ids, attention mask, route mask (prompt), answer mask (loss); task ids (B,)."""
+    L = max(len(e) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask, route, answer = (torch.zeros(B, L, dtype=torch.long) for _ in range(3))
+    for b, e in enumerate(examples):
+        seq = e.prompt_ids + e.answer_ids
+        start, split = L - len(seq), L - len(e.answer_ids)
+        ids[b, start:] = torch.tensor(seq)
+        mask[b, start:] = 1
+        route[b, start:split] = 1
+        answer[b, split:] = 1
+    task_ids = torch.tensor([e.task_id for e in examples])
+    return {k: v.to(device) for k, v in dict(ids=ids, mask=mask, route=route, answer=answer, task_ids=task_ids).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The classroom suite: small tasks with the same inputs and conflicting outputs, so that one shared
+# adapter must read the definition to know what to do (cross-task interference), plus two
+# independent tasks. Generated from fixed seeds: the same on every machine.
+
+WORDS = ("apple river stone cloud tiger paper music green house light window garden bread horse "
+         "candle forest silver ocean pencil winter summer rabbit rocket planet").split()
+NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+
+
+def _digits(rng):
+    return [str(d) for d in rng.sample(range(10), rng.randint(3, 5))]
+
+
+def _words(rng):
+    return rng.sample(WORDS, rng.randint(2, 4))
+
+
+def _mixed_case(rng):
+    return [''.join(c.upper() if rng.random() < 0.5 else c for c in w) for w in _words(rng)]
+
+
+# name -> (definition, input maker, answer from the input's items)
+CLASSROOM_TASKS = {
+    "sort_ascending": ("Sort the numbers in ascending order, from smallest to largest.",
+                       _digits, lambda xs: " ".join(sorted(xs))),
+    "sort_descending": ("Sort the numbers in descending order, from largest to smallest.",
+                        _digits, lambda xs: " ".join(sorted(xs, reverse=True))),
+    "copy_words": ("Repeat the words exactly as they are given.",
+                   _words, lambda xs: " ".join(xs)),
+    "reverse_words": ("Write the words in reverse order, last word first.",
+                      _words, lambda xs: " ".join(reversed(xs))),
+    "uppercase": ("Rewrite the words in upper case letters.",
+                  _mixed_case, lambda xs: " ".join(x.upper() for x in xs)),
+    "lowercase": ("Rewrite the words in lower case letters.",
+                  _mixed_case, lambda xs: " ".join(x.lower() for x in xs)),
+    "count_words": ("Count the words and answer with a number written in digits.",
+                    _words, lambda xs: str(len(xs))),
+    "number_to_word": ("Write the number in English words.",
+                       lambda rng: [str(rng.randint(0, 12))], lambda xs: NUMBER_WORDS[int(xs[0])]),
+}
+CLASSROOM_SIZES = {"train": 48, "dev": 8, "test": 16}
+
+
+def classroom_task(name: str, split: str) -> Task:
+    if name not in CLASSROOM_TASKS:
+        raise ValueError(f"classroom suite has no task {name!r}; its tasks are {', '.join(CLASSROOM_TASKS)}.")
+    if split not in CLASSROOM_SIZES:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}.")
+    definition, make_input, answer = CLASSROOM_TASKS[name]
+    # Paired tasks share a seed per split, so "sort_ascending" and "sort_descending" see the same inputs.
+    pair = {"sort_descending": "sort_ascending", "reverse_words": "copy_words", "lowercase": "uppercase"}.get(name, name)
+    rng = random.Random(f"classroom:{pair}:{split}")
+    instances = []
+    for i in range(CLASSROOM_SIZES[split]):
+        items = make_input(rng)
+        instances.append({"id": f"{name}-{split}-{i}", "input": " ".join(items), "output": [answer(items)]})
+    return Task(name, definition, instances, f"{CLASSROOM}:{name}/{split}")
+
+
+def export_classroom(out_dir):
+    """Write the classroom suite in SuperNI layout: <out>/<task>/{train,dev,test}.json."""
+    for name in CLASSROOM_TASKS:
+        (Path(out_dir) / name).mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            task = classroom_task(name, split)
+            data = {"Definition": [task.definition], "Positive Examples": [], "Instances": task.instances}
+            (Path(out_dir) / name / f"{split}.json").write_text(json.dumps(data, indent=1))
+    print(f"wrote {len(CLASSROOM_TASKS)} tasks to {out_dir}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export", metavar="DIR", help="write the classroom suite to DIR in SuperNI layout")
+    p.add_argument("--show", metavar="ROOT", help=f"summarise a data root (a folder or '{CLASSROOM}')")
+    args = p.parse_args()
+    if args.export:
+        export_classroom(args.export)
+    if args.show:
+        for name in list_tasks(args.show):
+            sizes = [len(read_task(args.show, name, s).instances) for s in SPLITS]
+            task = read_task(args.show, name, "test")
+            print(f"== {name}: train/dev/test = {'/'.join(map(str, sizes))}\n"
+                  f"{format_prompt(task.definition, task.instances[0]['input'])}{task.instances[0]['output'][0]}\n")
+    if not (args.export or args.show):
+        p.print_help()
+
+
+if __name__ == "__main__":
+    main()

@@ -548,8 +548,12 @@ class Tokenizer:
         gen_eos = gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
         self.stop_token_ids = list(dict.fromkeys([self.eos_token_id, *gen_eos]))
 
-    def encode(self, text: str) -> list[int]:
-        return self.tk.encode(text).ids  # BOS only where tokenizer.json's post-processor adds it
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=add_special_tokens).ids  # BOS where the post-processor adds it
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character span of each token of text, without special tokens."""
+        return self.tk.encode(text, add_special_tokens=False).offsets
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -177,10 +177,10 @@ def check(out: Path, run_model: bool):
         print(f"check: 'The capital of France is' ->{text!r}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT.relative_to(ROOT)})")
-    out = parser.parse_args().out.resolve()
+    out = parser.parse_args(argv).out.resolve()
     if all((out / f).is_file() for f in FILES):
         check(out, run_model=False)
         print(f"{out} is already prepared and checked")

@@ -110,8 +110,8 @@ def superni_prompts(n, split="test"):
     tasks = sorted(p.name for p in SUPERNI.iterdir() if p.is_dir())[:n]
     prompts = []
     for task in tasks:
-        definition, instances = read_task(SUPERNI, task, split)
-        prompts.append(format_prompt(definition, instances[0]["input"]))
+        t = read_task(SUPERNI, task, split)
+        prompts.append(format_prompt(t.definition, t.instances[0]["input"]))
     return prompts
 
 
@@ -120,3 +120,34 @@ def left_pad(seqs, pad_id):
     ids = torch.tensor([[pad_id] * (L - len(s)) + s for s in seqs])
     mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs])
     return ids, mask
+
+
+def byte_tokenizer(folder):
+    """A byte-level tokenizer (256 bytes, no merges) with <|im_end|> as EOS, saved as HF files."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<|im_end|>"])
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    return tk.get_vocab_size()
+
+
+@pytest.fixture(scope="session")
+def tiny_trainable(tmp_path_factory):
+    """A tiny random Llama checkpoint with a byte-level tokenizer: train.py runs on it in seconds."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_trainable")
+    vocab = byte_tokenizer(folder)
+    cfg = hf_config("llama", dict(vocab_size=vocab, eos_token_id=vocab - 1, pad_token_id=None, bos_token_id=None,
+                                  max_position_embeddings=512))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    return folder

@@ -1,0 +1,430 @@
+"""Evaluation (SPEC section 8): greedy generation, ROUGE-L and exact match, tables across runs,
+the continual-learning metrics, and the paper's analyses.
+
+    python eval.py evaluate RUN_DIR            # base model + the run's adapter on the run's test sets
+    python eval.py evaluate --base-only --model PATH --data ROOT
+    python eval.py compare RUN_DIR ... [--single RUN_DIR]   # per-task ROUGE-L side by side, colla
+    python eval.py continual RUN_DIR [--single RUN_DIR]     # AP / Fgt / Fwt / Bwt from the score matrix
+    python eval.py angles RUN_DIR              # regroup angles over training, from log.jsonl
+    python eval.py conflict RUN_DIR            # task-gradient cosine matrix of the adapter
+    python eval.py coactivation RUN_DIR        # how many tasks share each weight block's top gradients
+
+Every command writes Markdown (and CSV for the analyses) beside its input and prints it; PNG plots
+are added when matplotlib is installed.
+"""
+
+import argparse
+import csv
+import io
+import json
+import string
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from badit import adapters_of, load_adapters
+from data import CLASSROOM, collate, encode_examples, list_tasks, load_tasks
+from model import generate, load_model, load_tokenizer
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+_scorer = None
+
+
+def rouge_l(prediction: str, references: list[str]) -> float:
+    """rouge-score's rougeL F-measure with stemming, the maximum over the references, x100."""
+    global _scorer
+    if _scorer is None:
+        from rouge_score import rouge_scorer
+
+        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return 100 * max(_scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+def normalize_answer(s: str) -> str:
+    """SuperNI's normalisation for exact match: lower case, no punctuation, single spaces."""
+    return " ".join("".join(ch for ch in s.lower() if ch not in string.punctuation).split())
+
+
+def exact_match(prediction: str, references: list[str]) -> float:
+    return 100.0 * any(normalize_answer(prediction) == normalize_answer(r) for r in references)
+
+
+def score(predictions: list[dict]) -> dict:
+    """predictions: [{task, prediction, references}] -> per-task and average ROUGE-L and exact match."""
+    per_task = {}
+    for p in predictions:
+        t = per_task.setdefault(p["task"], {"rougeL": 0.0, "exact_match": 0.0, "n": 0})
+        t["rougeL"] += rouge_l(p["prediction"], p["references"])
+        t["exact_match"] += exact_match(p["prediction"], p["references"])
+        t["n"] += 1
+    for t in per_task.values():
+        t["rougeL"] /= t["n"]
+        t["exact_match"] /= t["n"]
+    mean = lambda key: sum(t[key] for t in per_task.values()) / max(len(per_task), 1)  # noqa: E731
+    return {"per_task": per_task, "rougeL": mean("rougeL"), "exact_match": mean("exact_match")}
+
+
+def colla(rouge: float, single: dict) -> float:
+    """SPEC section 8: multi-task ROUGE-L minus the mean of the single-task models' per-task ROUGE-L."""
+    return rouge - sum(single.values()) / len(single)
+
+
+def continual_metrics(a, single=None) -> dict:
+    """a[j][i]: score on task i (training order) after training the j-th task (SPEC section 8, 9.9).
+
+    AP = mean_i a[T][i]; Fgt = mean_{i<T} max_{j in [i, T-1]} a[j][i] - a[T][i];
+    Bwt = mean_{i<T} a[T][i] - a[i][i]; Fwt = mean_i a[i][i] - mean_i b_i (needs the single-task scores b).
+    Indices are 1-based in SPEC; here the last row is a[-1].
+    """
+    T = len(a)
+    out = {"AP": sum(a[-1]) / T}
+    if T > 1:
+        out["Fgt"] = sum(max(a[j][i] for j in range(i, T - 1)) - a[-1][i] for i in range(T - 1)) / (T - 1)
+        out["Bwt"] = sum(a[-1][i] - a[i][i] for i in range(T - 1)) / (T - 1)
+    if single is not None:
+        out["Fwt"] = sum(a[i][i] for i in range(T)) / T - sum(single) / T
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def predict(model, tok, examples, batch_size=16, max_new_tokens=50, use_task_ids=False, desc="generating") -> list[dict]:
+    """Batched greedy generation (longest prompts first, left-padded) -> [{task, id, prompt, references, prediction}]."""
+    was_training = model.training
+    model.eval()
+    device = model.lm_head.weight.device
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt_ids))
+    out = [None] * len(examples)
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        chunk = [examples[i] for i in order[s:s + batch_size]]
+        batch = collate(chunk, tok.pad_token_id, device)
+        ids = generate(model, batch["ids"], batch["mask"], max_new_tokens, tok.stop_token_ids, tok.pad_token_id,
+                       task_ids=batch["task_ids"] if use_task_ids else None)
+        for i, e, row in zip(order[s:s + batch_size], chunk, ids[:, batch["ids"].shape[1]:].tolist()):
+            out[i] = {"task": e.task, "id": e.id, "prompt": tok.decode(e.prompt_ids, skip_special_tokens=False),
+                      "references": e.references, "prediction": tok.decode(row).strip()}
+    model.train(was_training)
+    return out
+
+
+def evaluate(model, tok, examples, out_dir=None, name="metrics", **kw) -> dict:
+    """predict + score; with out_dir, writes <name>.json, <name>.md and <name>_predictions.jsonl."""
+    predictions = predict(model, tok, examples, **kw)
+    metrics = score(predictions)
+    metrics["task_ids_used"] = bool(kw.get("use_task_ids"))
+    if out_dir is not None:
+        out = Path(out_dir)
+        with open(out / f"{name}_predictions.jsonl", "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in predictions)
+        (out / f"{name}.json").write_text(json.dumps(metrics, indent=2))
+        (out / f"{name}.md").write_text(markdown_table({name: metrics}))
+    return metrics
+
+
+def markdown_table(runs: dict, note="") -> str:
+    """runs: name -> metrics (score()'s dict) -> per-task ROUGE-L (exact match) side by side."""
+    tasks = list(dict.fromkeys(t for m in runs.values() for t in m["per_task"]))
+    cell = lambda m, t: f"{m['per_task'][t]['rougeL']:.1f} ({m['per_task'][t]['exact_match']:.0f})" if t in m["per_task"] else "-"  # noqa: E731
+    names = [n + (" [task id]" if m.get("task_ids_used") else "") for n, m in runs.items()]
+    lines = ["| task | " + " | ".join(names) + " |", "|---" * (len(runs) + 1) + "|"]
+    lines += [f"| {t} | " + " | ".join(cell(m, t) for m in runs.values()) + " |" for t in tasks]
+    lines.append("| **average** | " + " | ".join(f"**{m['rougeL']:.1f}** ({m['exact_match']:.0f})" for m in runs.values()) + " |")
+    if any("colla" in m for m in runs.values()):
+        lines.append("| colla | " + " | ".join(f"{m['colla']:+.1f}" if "colla" in m else "-" for m in runs.values()) + " |")
+    lines.append("\nROUGE-L x100 (exact match %)." + (" [task id]: CGC-LoRA is given each test example's task id "
+                                                       "(an oracle advantage)." if any(m.get("task_ids_used") for m in runs.values()) else "") + note)
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a run
+
+
+def read_config(run_dir) -> dict:
+    file = Path(run_dir) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: pass a run directory written by train.py.")
+    return json.loads(file.read_text())
+
+
+def load_run(run_dir=None, model_path=None, device=None, dtype=None):
+    """(model, tokenizer, adapter config or None): the base model plus the run's final adapter."""
+    cfg = read_config(run_dir) if run_dir else {}
+    path = model_path or cfg.get("model")
+    if path is None:
+        raise ValueError("--base-only needs --model PATH.")
+    model = load_model(path, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    adapter = load_adapters(model, run_dir) if run_dir else None
+    return model, load_tokenizer(path), adapter
+
+
+def test_examples(tok, data, tasks, split="test", limit=None, max_len=1024, max_answer_len=50, all_tasks=None):
+    tasks = load_tasks(data, tasks, split, limit)
+    return encode_examples(tok, tasks, all_tasks or [t.name for t in tasks], max_len, max_answer_len, train=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Analyses (SPEC section 8)
+
+
+def task_batches(tok, data, tasks, batches, batch_size, max_len, device, seed=0):
+    """task -> `batches` training batches of that task (labelled, seeded answer choice)."""
+    out = {}
+    for task in load_tasks(data, tasks, "train", batches * batch_size):
+        ex = encode_examples(tok, [task], tasks, max_len, train=True, seed=seed)
+        out[task.name] = [collate(ex[s:s + batch_size], tok.pad_token_id, device) for s in range(0, len(ex), batch_size)]
+    return out
+
+
+def answer_loss(model, batch, use_task_ids=False):
+    """Mean cross-entropy over the answer + EOS tokens of a collated batch (train.py uses the sum)."""
+    predicts = batch["answer"][:, 1:].bool()  # position t predicts token t + 1
+    at = torch.cat([predicts, torch.zeros_like(predicts[:, :1])], 1)
+    logits = model(batch["ids"], batch["mask"], route_mask=batch["route"],
+                   task_ids=batch["task_ids"] if use_task_ids else None, logits_at=at)
+    return F.cross_entropy(logits.float(), batch["ids"][:, 1:][predicts])
+
+
+def task_gradients(model, per_task_batches, params, use_task_ids=False) -> dict:
+    """task -> list of mean gradients (one per parameter in params) over that task's batches."""
+    out = {}
+    for task, batches in tqdm(per_task_batches.items(), desc="task gradients", unit="task"):
+        grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        for batch in batches:
+            g = torch.autograd.grad(answer_loss(model, batch, use_task_ids), params)
+            for acc, x in zip(grads, g):
+                acc += x.float() / len(batches)
+        out[task] = grads
+    return out
+
+
+def conflict_matrix(grads: dict):
+    """T x T cosine between the tasks' flattened mean gradients, mean off-diagonal, share of negative pairs."""
+    tasks = list(grads)
+    G = F.normalize(torch.stack([torch.cat([g.flatten() for g in grads[t]]) for t in tasks]), dim=1)
+    C = G @ G.T
+    off = C[~torch.eye(len(tasks), dtype=torch.bool)]
+    return tasks, C, off.mean().item(), (off < 0).float().mean().item()
+
+
+def coactivation_histogram(grads: dict, block=32, top=0.10):
+    """Per task: squared gradient of each weight, 32x32 average-pooled, top 10 % blocks marked;
+    returns counts[c] = number of blocks marked by exactly c tasks (c = 0..T)."""
+    T = len(grads)
+    marks = None
+    for g in grads.values():
+        m = torch.cat([F.avg_pool2d(w.pow(2)[None, None], block, ceil_mode=True).flatten() for w in g])
+        k = max(1, int(top * m.numel()))
+        mark = torch.zeros_like(m, dtype=torch.long)
+        mark[m.topk(k).indices] = 1
+        marks = mark if marks is None else marks + mark
+    return torch.bincount(marks, minlength=T + 1).tolist()
+
+
+def write_outputs(out_base: Path, markdown: str, rows: list[list]):
+    out_base.with_suffix(".md").write_text(markdown)
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    out_base.with_suffix(".csv").write_text(buf.getvalue())
+    print(markdown)
+    print(f"wrote {out_base.with_suffix('.md')} and .csv")
+
+
+def maybe_plot(out_base: Path, draw):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    draw(ax)
+    fig.tight_layout()
+    fig.savefig(out_base.with_suffix(".png"), dpi=120)
+    print(f"wrote {out_base.with_suffix('.png')}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_evaluate(args):
+    cfg = read_config(args.run_dir) if args.run_dir else {}
+    if not args.run_dir and not args.base_only:
+        raise SystemExit("eval.py evaluate: give a RUN_DIR, or --base-only --model PATH.")
+    model, tok, adapter = load_run(None if args.base_only else args.run_dir, args.model, args.device, args.dtype)
+    data = args.data or cfg.get("data", CLASSROOM)
+    tasks = args.tasks.split(",") if args.tasks else cfg.get("tasks") or list_tasks(data)
+    use_ids = bool(adapter) and adapter["method"] == "cgc"
+    examples = test_examples(tok, data, tasks, args.split, args.limit, args.max_len or cfg.get("max_len", 1024),
+                             cfg.get("max_answer_len", 50), all_tasks=cfg.get("tasks"))
+    out = Path(args.out or args.run_dir or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    name = "metrics_base" if args.base_only else f"metrics_{args.split}"
+    metrics = evaluate(model, tok, examples, out, name, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, use_task_ids=use_ids)
+    print(markdown_table({"base" if args.base_only else cfg.get("method", "run"): metrics}))
+    print(f"wrote {out / name}.json, .md and _predictions.jsonl")
+
+
+def run_metrics(run_dir) -> dict:
+    for name in ("metrics_test.json", "metrics.json"):
+        if (Path(run_dir) / name).is_file():
+            return json.loads((Path(run_dir) / name).read_text())
+    raise FileNotFoundError(f"{run_dir} has no metrics_test.json: run `python eval.py evaluate {run_dir}` first.")
+
+
+def cmd_compare(args):
+    runs = {}
+    single = {t: m["rougeL"] for t, m in run_metrics(args.single)["per_task"].items()} if args.single else None
+    for run in args.run_dirs:
+        m = dict(run_metrics(run))
+        name = f"{Path(run).name} ({read_config(run).get('method', '?')})"
+        if single and read_config(run).get("setting") == "mtl":
+            m["colla"] = colla(m["rougeL"], {t: single[t] for t in m["per_task"] if t in single})
+        runs[name] = m
+    note = " colla = average minus the mean single-task ROUGE-L of " + str(args.single) + "." if single else ""
+    text = markdown_table(runs, note)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+def cmd_continual(args):
+    file = Path(args.run_dir) / "continual.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: train with --setting continual.")
+    c = json.loads(file.read_text())
+    order, a = c["order"], c["rougeL"]
+    single = None
+    if args.single:
+        per_task = run_metrics(args.single)["per_task"]
+        single = [per_task[t]["rougeL"] for t in order]
+    m = continual_metrics(a, single)
+    lines = ["| after \\ on | " + " | ".join(order) + " |", "|---" * (len(order) + 1) + "|"]
+    lines += [f"| {i + 1}. {order[i]} | " + " | ".join(f"{x:.1f}" for x in row) + " |" for i, row in enumerate(a)]
+    lines.append("\n" + ", ".join(f"{k} {v:.2f}" for k, v in m.items()) + " (ROUGE-L x100; SPEC section 8)")
+    text = "\n".join(lines) + "\n"
+    (Path(args.run_dir) / "continual.md").write_text(text)
+    (Path(args.run_dir) / "continual_metrics.json").write_text(json.dumps(m, indent=2))
+    print(text)
+
+
+def cmd_angles(args):
+    log = Path(args.run_dir) / "log.jsonl"
+    entries = [json.loads(line) for line in log.read_text().splitlines() if '"regroup"' in line]
+    if not entries:
+        raise SystemExit(f"{log} has no regroup entries (only method badit regroups).")
+    keys = ["intra_before", "intra_after", "inter_before", "inter_after", "objective", "moved"]
+    rows = [["epoch", "step"] + keys] + [[e["epoch"], e["step"]] + [e["regroup"][k] for k in keys] for e in entries]
+    md = ["| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
+    md += ["| " + " | ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in r) + " |" for r in rows[1:]]
+    md.append("\nAngles in degrees between gradient directions of the components, averaged over layers (SPEC section 5).")
+    base = Path(args.run_dir) / "angles"
+    write_outputs(base, "\n".join(md) + "\n", rows)
+
+    def draw(ax):
+        steps = [e["step"] for e in entries]
+        for k in keys[:4]:
+            ax.plot(steps, [e["regroup"][k] for e in entries], marker="o", label=k)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("degrees")
+        ax.legend()
+    maybe_plot(base, draw)
+
+
+def analysis_setup(args):
+    cfg = read_config(args.run_dir)
+    model, tok, adapter = load_run(args.run_dir, None, args.device, args.dtype)
+    tasks = cfg["tasks"]
+    batches = task_batches(tok, cfg["data"], tasks, args.batches, args.batch_size, cfg["max_len"],
+                           model.lm_head.weight.device, cfg["seed"])
+    model.eval()  # no dropout: the gradients are a property of the weights
+    return cfg, model, batches, adapter["method"] == "cgc"
+
+
+def cmd_conflict(args):
+    cfg, model, batches, use_ids = analysis_setup(args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    tasks, C, mean_off, negative = conflict_matrix(task_gradients(model, batches, params, use_ids))
+    rows = [[""] + tasks] + [[t] + [round(x, 4) for x in C[i].tolist()] for i, t in enumerate(tasks)]
+    md = ["| | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    md += [f"| {t} | " + " | ".join(f"{x:+.2f}" for x in C[i].tolist()) + " |" for i, t in enumerate(tasks)]
+    md.append(f"\nCosine between the tasks' mean adapter gradients ({args.batches} batches of {args.batch_size} per task). "
+              f"Mean off-diagonal {mean_off:+.3f}; negative pairs {100 * negative:.0f} %.")
+    base = Path(args.run_dir) / "conflict"
+    write_outputs(base, "\n".join(md) + "\n", rows)
+    maybe_plot(base, lambda ax: (ax.imshow(C, cmap="RdBu", vmin=-1, vmax=1), ax.set_xticks(range(len(tasks)), tasks, rotation=90),
+                                 ax.set_yticks(range(len(tasks)), tasks)))
+
+
+def cmd_coactivation(args):
+    cfg, model, batches, use_ids = analysis_setup(args)
+    weights = [a.base.weight for a in adapters_of(model).values()]
+    for w in weights:
+        w.requires_grad_(True)
+    counts = coactivation_histogram(task_gradients(model, batches, weights, use_ids))
+    rows = [["tasks marking a block", "blocks"]] + [[c, n] for c, n in enumerate(counts)]
+    total = sum(counts[1:])
+    md = ["| tasks | blocks | share of marked blocks |", "|---|---|---|"]
+    md += [f"| {c} | {n} | {100 * n / max(total, 1):.1f} % |" if c else f"| 0 | {n} | - |" for c, n in enumerate(counts)]
+    md.append(f"\nPer task: squared gradient of each adapted weight ({', '.join(cfg['targets'])}), 32x32 average-pooled, "
+              "top 10 % blocks marked; how many tasks mark each block (SPEC section 8).")
+    base = Path(args.run_dir) / "coactivation"
+    write_outputs(base, "\n".join(md) + "\n", rows)
+    maybe_plot(base, lambda ax: (ax.bar(range(1, len(counts)), counts[1:]), ax.set_xlabel("tasks marking the block"),
+                                 ax.set_ylabel("blocks")))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("evaluate", help="generate on a split and score it (ROUGE-L, exact match)")
+    e.add_argument("run_dir", nargs="?", help="a run directory written by train.py (its config gives model and data)")
+    e.add_argument("--base-only", action="store_true", help="evaluate the base model without any adapter")
+    e.add_argument("--model", help="checkpoint folder (default: the run's)")
+    e.add_argument("--data", help=f"SuperNI root or '{CLASSROOM}' (default: the run's)")
+    e.add_argument("--tasks", help="comma-separated task names (default: the run's, or all)")
+    e.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    e.add_argument("--limit", type=int, help="first N instances per task")
+    e.add_argument("--max-len", type=int, help="maximum prompt + answer tokens (default: the run's)")
+    e.add_argument("--max-new-tokens", type=int, default=50, help="greedy decoding length (SPEC: 50)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--out", help="output folder (default: the run directory)")
+
+    c = sub.add_parser("compare", help="per-task ROUGE-L of several runs side by side, with colla")
+    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--single", help="a --setting single run: its per-task scores give colla for mtl runs")
+    c.add_argument("--out", help="also write the Markdown table here")
+
+    ct = sub.add_parser("continual", help="AP / Fgt / Fwt / Bwt of a --setting continual run")
+    ct.add_argument("run_dir")
+    ct.add_argument("--single", help="a --setting single run, for Fwt")
+
+    a = sub.add_parser("angles", help="regroup angles over training (from log.jsonl)")
+    a.add_argument("run_dir")
+    for name, text in (("conflict", "task-gradient cosine matrix"), ("coactivation", "co-activation histogram")):
+        s = sub.add_parser(name, help=text + " of a run's adapted model")
+        s.add_argument("run_dir")
+        s.add_argument("--batches", type=int, default=4, help="training batches per task")
+        s.add_argument("--batch-size", type=int, default=4)
+    for s in (e, sub.choices["conflict"], sub.choices["coactivation"]):
+        s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        s.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    args = p.parse_args(argv)
+    {"evaluate": cmd_evaluate, "compare": cmd_compare, "continual": cmd_continual, "angles": cmd_angles,
+     "conflict": cmd_conflict, "coactivation": cmd_coactivation}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

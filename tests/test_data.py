@@ -1,0 +1,177 @@
+"""data.py on real SuperNI instances: the prompt, label masks, truncation, output choice, batching,
+the classroom suite, and the errors bad data gives."""
+
+import json
+
+import pytest
+
+from conftest import SUPERNI
+from data import (CLASSROOM, CLASSROOM_TASKS, PROMPT, batch_order, classroom_task, collate, encode_examples,
+                  export_classroom, format_prompt, list_tasks, load_tasks, read_task)
+from model import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(demo_model_dir):
+    return load_tokenizer(demo_model_dir)
+
+
+def test_prompt_is_spec_exact(tok):
+    assert PROMPT == "{definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
+    task = read_task(SUPERNI, "task363_sst2_polarity_classification", "train")
+    with open(SUPERNI / "task363_sst2_polarity_classification" / "train.json") as f:
+        raw = json.load(f)
+    assert task.definition == " ".join(raw["Definition"])
+    ex = encode_examples(tok, [task], [task.name], max_len=1024, seed=0)[0]
+    inst = raw["Instances"][0]
+    assert tok.decode(ex.prompt_ids, skip_special_tokens=False) == (
+        f"{task.definition}\n\nNow complete the following example -\nInput: {inst['input']}\nOutput: ")
+    assert ex.answer_ids[-1] == tok.eos_token_id
+    assert tok.decode(ex.answer_ids[:-1]) in inst["output"]
+
+
+def test_long_inputs_are_shortened_at_the_end_only(tok):
+    task = read_task(SUPERNI, "task511_reddit_tifu_long_text_summarization", "train")
+    task.instances = task.instances[:20]
+    examples = encode_examples(tok, [task], [task.name], max_len=200, max_answer_len=10, seed=0)
+    cut = 0
+    for ex, inst in zip(examples, task.instances):
+        assert len(ex) <= 200
+        text = tok.decode(ex.prompt_ids, skip_special_tokens=False)
+        head = f"{task.definition}\n\nNow complete the following example -\nInput: "
+        assert text.startswith(head) and text.endswith("\nOutput: ")  # the definition and the template are whole
+        kept = text[len(head):-len("\nOutput: ")]
+        assert inst["input"].startswith(kept)  # the input lost its end, nothing else
+        cut += kept != inst["input"]
+        full = tok.encode(inst["output"][0], add_special_tokens=False)
+        assert ex.answer_ids == full[:10] + [tok.eos_token_id]  # the answer is cut to max_answer_len, never by max_len
+        assert len(ex) >= 200 - 3 or kept == inst["input"]  # shortened inputs fill the budget
+    assert cut >= 15
+
+
+def test_definition_too_long_for_max_len(tok):
+    task = read_task(SUPERNI, "task181_outcome_extraction", "train")
+    with pytest.raises(ValueError, match=r"task181_outcome_extraction/train.json: the 'Definition'.*raise --max-len"):
+        encode_examples(tok, [task], [task.name], max_len=120)
+
+
+def test_seeded_output_choice_and_references(tok):
+    task = read_task(SUPERNI, "task748_glucose_reverse_cause_event_detection", "train")
+    task.instances = [i for i in task.instances if len(i["output"]) > 1][:40]
+    assert len(task.instances) == 40
+    pick = lambda seed: [tok.decode(e.answer_ids[:-1]) for e in encode_examples(tok, [task], [task.name], seed=seed)]  # noqa: E731
+    a, b, c = pick(0), pick(0), pick(1)
+    assert a == b and a != c
+    assert all(x in i["output"] for x, i in zip(a, task.instances))
+    evals = encode_examples(tok, [task], [task.name], train=False)
+    assert all(e.answer_ids == [] and e.references == i["output"] for e, i in zip(evals, task.instances))
+
+
+def test_collate_masks_and_task_ids(tok):
+    tasks = load_tasks(SUPERNI, ["task591_sciq_answer_generation", "task875_emotion_classification"], "train", limit=3)
+    names = ["task875_emotion_classification", "task591_sciq_answer_generation"]
+    examples = encode_examples(tok, tasks, names, max_len=256)
+    x = collate(examples, tok.pad_token_id)
+    L = max(len(e) for e in examples)
+    assert x["ids"].shape == (6, L)
+    for b, e in enumerate(examples):
+        n_pad = L - len(e)
+        assert x["mask"][b, :n_pad].sum() == 0 and x["mask"][b, n_pad:].all()  # left padding
+        assert x["ids"][b, x["route"][b].bool()].tolist() == e.prompt_ids
+        assert x["ids"][b, x["answer"][b].bool()].tolist() == e.answer_ids
+    assert x["task_ids"].tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_batch_order_is_a_seeded_partition_and_groups_lengths(tok):
+    tasks = load_tasks(SUPERNI, ["task1290_xsum_summarization", "task363_sst2_polarity_classification"], "train", limit=64)
+    examples = encode_examples(tok, tasks, [t.name for t in tasks], max_len=512)
+    grouped = batch_order(examples, 8, seed=0, epoch=0)
+    assert sorted(i for b in grouped for i in b) == list(range(len(examples)))
+    assert grouped == batch_order(examples, 8, seed=0, epoch=0) != batch_order(examples, 8, seed=0, epoch=1)
+    plain = batch_order(examples, 8, seed=0, epoch=0, group_by_length=False)
+    padding = lambda batches: sum(max(len(examples[i]) for i in b) * len(b) - sum(len(examples[i]) for i in b) for b in batches)  # noqa: E731
+    assert padding(grouped) < 0.5 * padding(plain)
+
+
+def test_classroom_suite_is_deterministic_and_conflicting(tmp_path):
+    assert len(CLASSROOM_TASKS) >= 6
+    for name in CLASSROOM_TASKS:
+        assert classroom_task(name, "train").instances == classroom_task(name, "train").instances
+    for a, b in (("sort_ascending", "sort_descending"), ("copy_words", "reverse_words"), ("uppercase", "lowercase")):
+        ta, tb = classroom_task(a, "test"), classroom_task(b, "test")
+        assert [i["input"] for i in ta.instances] == [i["input"] for i in tb.instances]
+        assert sum(i["output"] != j["output"] for i, j in zip(ta.instances, tb.instances)) >= len(ta.instances) // 2
+    train = {i["input"] for i in classroom_task("uppercase", "train").instances}
+    assert classroom_task("uppercase", "test").instances[0]["output"] == [classroom_task("uppercase", "test").instances[0]["input"].upper()]
+    assert len(train) > 40
+    export_classroom(tmp_path)
+    assert list_tasks(tmp_path) == sorted(CLASSROOM_TASKS)
+    for name in CLASSROOM_TASKS:
+        for split in ("train", "dev", "test"):
+            on_disk, embedded = read_task(tmp_path, name, split), read_task(CLASSROOM, name, split)
+            assert (on_disk.definition, on_disk.instances) == (embedded.definition, embedded.instances)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad data
+
+
+@pytest.fixture
+def root(tmp_path):
+    (tmp_path / "t").mkdir()
+    return tmp_path
+
+
+def write(root, data, split="train"):
+    (root / "t" / f"{split}.json").write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+GOOD = {"Definition": ["Do it."], "Instances": [{"id": "1", "input": "x", "output": ["y"]}]}
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data root .*nowhere does not exist.*--data"):
+        load_tasks(tmp_path / "nowhere")
+
+
+def test_missing_task(root):
+    write(root, GOOD)
+    with pytest.raises(FileNotFoundError, match="task 'other' not found.*available: t"):
+        read_task(root, "other", "train")
+
+
+def test_missing_split(root):
+    write(root, GOOD)
+    with pytest.raises(FileNotFoundError, match=r"t/test.json is missing.*train.json, dev.json, test.json"):
+        read_task(root, "t", "test")
+
+
+def test_malformed_json(root):
+    write(root, '{"Definition": ["x"],\n "Instances": [')
+    with pytest.raises(ValueError, match=r"t/train.json: not valid JSON \(line 2"):
+        read_task(root, "t", "train")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.pop("Definition"), r"train.json: field 'Definition' is missing"),
+    (lambda d: d.pop("Instances"), r"train.json: field 'Instances' is missing"),
+    (lambda d: d["Instances"][0].pop("input"), r"train.json: Instances\[0\] has no field 'input'"),
+    (lambda d: d["Instances"][0].pop("output"), r"train.json: Instances\[0\] has no field 'output'"),
+    (lambda d: d["Instances"][0].update(output=[]), r"Instances\[0\].output must be a non-empty list of strings"),
+    (lambda d: d.update(Instances=[]), r"train.json: field 'Instances' is empty"),
+])
+def test_bad_fields(root, edit, message):
+    data = json.loads(json.dumps(GOOD))
+    edit(data)
+    write(root, data)
+    with pytest.raises(ValueError, match=message):
+        read_task(root, "t", "train")
+
+
+def test_unknown_classroom_task():
+    with pytest.raises(ValueError, match="classroom suite has no task 'nope'"):
+        load_tasks(CLASSROOM, ["nope"])
+
+
+def test_format_prompt_keeps_braces():
+    assert format_prompt("Use {x}.", "a {b}") == "Use {x}.\n\nNow complete the following example -\nInput: a {b}\nOutput: "

@@ -1,0 +1,181 @@
+"""train.py and eval.py end to end on a tiny random model: every method, regrouping, resume,
+Ctrl-C, a non-finite loss, the settings, and torchrun with two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as evaluation
+import train
+from badit import METHODS, adapter_state
+from conftest import ROOT
+from model import load_model
+
+FAST = ["--data", "classroom", "--tasks", "sort_ascending,sort_descending", "--limit", "8", "--batch-size", "4",
+        "--epochs", "2", "--lr", "1e-3", "--eval-limit", "2", "--max-new-tokens", "4", "--device", "cpu"]
+
+
+def run(model_dir, out, *extra):
+    train.main(["--model", str(model_dir), "--out", str(out), *FAST, *extra])
+
+
+def log_of(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def losses(out):
+    return [(e["step"], e["loss"]) for e in log_of(out) if "loss" in e]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_saves_and_evaluates(tiny_trainable, tmp_path, method):
+    out = tmp_path / method
+    run(tiny_trainable, out, "--method", method)
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method and config["tasks"] == ["sort_ascending", "sort_descending"]
+    steps = losses(out)
+    assert len(steps) == 8 and all(torch.isfinite(torch.tensor(loss)) for _, loss in steps)
+    regroups = [e for e in log_of(out) if "regroup" in e]
+    assert len(regroups) == (1 if method == "badit" else 0)  # after epoch 1 of 2
+    for name in ("metrics_before.json", "metrics_test.json", "metrics_test_predictions.jsonl", "adapter.safetensors"):
+        assert (out / name).is_file()
+
+    # the saved adapter loads onto a fresh base model and changes its function
+    model, tok, cfg = evaluation.load_run(out)
+    assert cfg["method"] == method
+    trained = {k: v for k, v in adapter_state(model).items()}
+    assert any(k.endswith(".B") and v.abs().sum() > 0 for k, v in trained.items())
+    evaluation.main(["evaluate", str(out), "--out", str(tmp_path / "eval"), "--max-new-tokens", "4", "--limit", "2"])
+    metrics = json.loads((tmp_path / "eval" / "metrics_test.json").read_text())
+    assert set(metrics["per_task"]) == {"sort_ascending", "sort_descending"}
+    assert metrics["task_ids_used"] == (method == "cgc")
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "metrics_test_predictions.jsonl").open()]
+    assert len(predictions) == 4 and all({"prompt", "references", "prediction"} <= set(p) for p in predictions)
+
+
+def interrupt_at(monkeypatch, at_step):
+    """Send this process a real SIGINT during optimizer step `at_step` (the handler asks for a checkpoint)."""
+    original = train.regroup_due
+
+    def regroup_due(args, epoch, step, steps_per_epoch, end_of_epoch):
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(args, epoch, step, steps_per_epoch, end_of_epoch)
+
+    monkeypatch.setattr(train, "regroup_due", regroup_due)
+
+
+@pytest.mark.parametrize("at_step, stopped_after", [(2, 3), (4, 4)])  # mid-epoch 1; at its end, after the regroup
+def test_interrupt_and_resume_equal_an_uninterrupted_run(tiny_trainable, tmp_path, monkeypatch, at_step, stopped_after):
+    extra = ["--method", "badit", "--epochs", "3", "--eval", "none"]
+    run(tiny_trainable, tmp_path / "full", *extra)
+    interrupt_at(monkeypatch, at_step)
+    with pytest.raises(SystemExit) as stop:
+        run(tiny_trainable, tmp_path / "cut", *extra)
+    assert stop.value.code == 130
+    assert len(losses(tmp_path / "cut")) == stopped_after  # mid-epoch, the flag is read at the next step
+    monkeypatch.undo()
+    train.main(["--out", str(tmp_path / "cut"), "--resume"])
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # bitwise, dropout included
+    for a, b in zip(adapter_state_of(tmp_path / "full"), adapter_state_of(tmp_path / "cut")):
+        assert torch.equal(a, b)
+
+
+def adapter_state_of(out):
+    from safetensors.torch import load_file
+
+    state = load_file(Path(out) / "adapter.safetensors")
+    return [state[k] for k in sorted(state)]
+
+
+def test_sigint_to_a_subprocess_leaves_a_loadable_checkpoint(tiny_trainable, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train.py"), "--model", str(tiny_trainable), "--out", str(out), *FAST,
+            "--epochs", "1000", "--eval", "none"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "log.jsonl").is_file() and len(losses(out)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "checkpoint saved" in output and "--resume" in output
+    position = json.loads((out / "checkpoint" / "trainer.json").read_text())
+    assert position["step"] == len(losses(out))
+    model = load_model(tiny_trainable)
+    train.add_adapters(model, "badit", num_experts=6, rank=4, init=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    assert train.load_checkpoint(model, optimizer, scheduler, out / "checkpoint")["step"] == position["step"]
+    assert len(optimizer.state) == 3 * 3  # A, B and the router G of three layers
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_trainable, tmp_path, capsys, monkeypatch):
+    calls = []
+    cross_entropy = train.F.cross_entropy
+
+    def nan_at_step_2(*args, **kwargs):  # as an overflow in a forward pass would give
+        calls.append(1)
+        loss = cross_entropy(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(train.F, "cross_entropy", nan_at_step_2)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run(tiny_trainable, out, "--method", "lora", "--tasks", "sort_ascending", "--limit", "4", "--epochs", "3",
+            "--eval", "none")
+    assert stop.value.code == 1
+    assert "non-finite loss (nan) at step 2" in capsys.readouterr().err
+    assert len(losses(out)) == 1  # step 1 was finite; step 2 (epoch 2) was not and was not applied
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 1
+    assert all(torch.isfinite(t).all() for t in adapter_state_of(out / "checkpoint"))
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_single_and_continual_settings(tiny_trainable, tmp_path):
+    run(tiny_trainable, tmp_path / "single", "--method", "lora", "--setting", "single", "--eval", "after")
+    for task in ("sort_ascending", "sort_descending"):
+        assert (tmp_path / "single" / task / "adapter.safetensors").is_file()
+        assert json.loads((tmp_path / "single" / task / "config.json").read_text())["tasks"] == [task]
+    single = json.loads((tmp_path / "single" / "metrics_test.json").read_text())
+    assert set(single["per_task"]) == {"sort_ascending", "sort_descending"}
+
+    run(tiny_trainable, tmp_path / "cont", "--method", "badit", "--setting", "continual", "--eval", "after")
+    record = json.loads((tmp_path / "cont" / "continual.json").read_text())
+    assert sorted(record["order"]) == ["sort_ascending", "sort_descending"]
+    assert len(record["rougeL"]) == 2 and all(len(row) == 2 for row in record["rougeL"])
+    phases = [e["phase"] for e in log_of(tmp_path / "cont") if "loss" in e]
+    assert phases == [0] * 4 + [1] * 4  # 8 examples per task: 2 steps per epoch, 2 epochs
+    evaluation.main(["continual", str(tmp_path / "cont"), "--single", str(tmp_path / "single")])
+    m = json.loads((tmp_path / "cont" / "continual_metrics.json").read_text())
+    assert set(m) == {"AP", "Fgt", "Bwt", "Fwt"}
+    evaluation.main(["compare", str(tmp_path / "single"), str(tmp_path / "cont")])
+
+
+def torchrun_log(tiny_trainable, out, nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), "--model", str(tiny_trainable), "--out", str(out), *FAST,
+           "--method", "badit", "--epochs", "2", "--dropout", "0", "--eval", "none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return log_of(out)
+
+
+def test_torchrun_two_processes_match_one(tiny_trainable, tmp_path):
+    one = torchrun_log(tiny_trainable, tmp_path / "one", 1)
+    two = torchrun_log(tiny_trainable, tmp_path / "two", 2)
+    l1, l2 = [e["loss"] for e in one if "loss" in e], [e["loss"] for e in two if "loss" in e]
+    assert len(l1) == len(l2) == 8
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    r1, r2 = [e for e in one if "regroup" in e], [e for e in two if "regroup" in e]
+    assert len(r2) == 1 and r2[0]["same_on_all_ranks"]
+    assert r1[0]["permutations"] == r2[0]["permutations"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
