@@ -184,22 +184,16 @@ def task_batches(tok, data, tasks, batches, batch_size, max_len, device, seed=0)
     return out
 
 
-def answer_loss(model, batch, use_task_ids=False):
-    """Mean cross-entropy over the answer + EOS tokens of a collated batch (train.py uses the sum)."""
-    predicts = batch["answer"][:, 1:].bool()  # position t predicts token t + 1
-    at = torch.cat([predicts, torch.zeros_like(predicts[:, :1])], 1)
-    logits = model(batch["ids"], batch["mask"], route_mask=batch["route"],
-                   task_ids=batch["task_ids"] if use_task_ids else None, logits_at=at)
-    return F.cross_entropy(logits.float(), batch["ids"][:, 1:][predicts])
-
-
 def task_gradients(model, per_task_batches, params, use_task_ids=False) -> dict:
     """task -> list of mean gradients (one per parameter in params) over that task's batches."""
+    from train import answer_loss  # train.py imports this module
+
     out = {}
     for task, batches in tqdm(per_task_batches.items(), desc="task gradients", unit="task"):
         grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         for batch in batches:
-            g = torch.autograd.grad(answer_loss(model, batch, use_task_ids), params)
+            loss = answer_loss(model, batch, use_task_ids) / batch["answer"].sum()  # mean over answer tokens
+            g = torch.autograd.grad(loss, params)
             for acc, x in zip(grads, g):
                 acc += x.float() / len(batches)
         out[task] = grads
@@ -261,7 +255,7 @@ def cmd_evaluate(args):
     cfg = read_config(args.run_dir) if args.run_dir else {}
     if not args.run_dir and not args.base_only:
         raise SystemExit("eval.py evaluate: give a RUN_DIR, or --base-only --model PATH.")
-    model, tok, adapter = load_run(None if args.base_only else args.run_dir, args.model, args.device, args.dtype)
+    model, tok, adapter = load_run(None if args.base_only else args.run_dir, args.model or cfg.get("model"), args.device, args.dtype)
     data = args.data or cfg.get("data", CLASSROOM)
     tasks = args.tasks.split(",") if args.tasks else cfg.get("tasks") or list_tasks(data)
     use_ids = bool(adapter) and adapter["method"] == "cgc"

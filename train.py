@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from badit import METHODS, _atomic_write, accumulate_regroup_signal, add_adapters, load_adapters, regroup, routed_adapters, save_adapters
+from badit import (METHODS, _atomic_write, accumulate_regroup_signal, adapter_state, add_adapters, regroup, routed_adapters,
+                   save_adapters)
 from data import CLASSROOM, batch_order, collate, encode_examples, list_tasks, load_tasks
 from eval import continual_metrics, evaluate, markdown_table, test_examples
 from model import load_model, load_tokenizer
@@ -224,8 +225,6 @@ def load_checkpoint(model, optimizer, scheduler, ckpt_dir: Path) -> dict:
 @torch.no_grad()
 def load_adapters_into(model, adapter_dir: Path):
     """Copy saved adapter tensors into the model's existing adapters (same method and shapes)."""
-    from badit import adapter_state
-
     saved = load_file(adapter_dir / "adapter.safetensors")
     for key, t in adapter_state(model).items():
         t.copy_(saved[key])
@@ -233,6 +232,47 @@ def load_adapters_into(model, adapter_dir: Path):
 
 # ----------------------------------------------------------------------------------------------
 # The training loop
+
+
+def answer_loss(model, x, use_task_ids=False):
+    """Summed cross-entropy over the answer + EOS tokens of a collated batch (SPEC section 7)."""
+    predicts = x["answer"][:, 1:].bool()  # position t predicts token t + 1
+    at = torch.cat([predicts, torch.zeros_like(predicts[:, :1])], 1)
+    logits = model(x["ids"], x["mask"], route_mask=x["route"], task_ids=x["task_ids"] if use_task_ids else None,
+                   logits_at=at)  # (answer tokens, vocab): no logits where no loss is taken
+    return F.cross_entropy(logits.float(), x["ids"][:, 1:][predicts], reduction="sum")
+
+
+def backward_global_batch(model, mine, n_answer, args, device):
+    """Forward + backward of this rank's examples in --grad-accum micro-batches -> (summed loss, tokens).
+
+    Each micro-batch's loss is divided by the answer tokens of the whole global batch, so that summing
+    the gradients over micro-batches and ranks gives the gradient of the global mean: one process with
+    batch 8 and two processes with 4 each take the same step."""
+    micro = max(1, math.ceil(len(mine) / args.grad_accum))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.dtype == "bfloat16")
+    loss_sum, tokens = torch.zeros((), device=device), 0
+    for s in range(0, len(mine), micro):
+        x = collate(mine[s:s + micro], args.pad_token_id, device)
+        with autocast:
+            loss = answer_loss(model, x, args.method == "cgc")
+        (loss / n_answer).backward()
+        loss_sum += loss.detach()
+        tokens += int(x["mask"].sum())
+    for p in model.parameters():  # a rank with no examples in this batch still joins the all-reduce
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return loss_sum, tokens
+
+
+def all_reduce_gradients(params):
+    """Sum the gradients over ranks, in one flat buffer (the adapters are small)."""
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
 
 
 class Stop(Exception):
@@ -255,9 +295,7 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
             epoch, first_batch, step = position["epoch"], position["batch"], position["step"]
             if rank == 0:
                 print(f"resuming {run_dir} at epoch {epoch + 1}, batch {first_batch}, step {step}")
-    micro = args.batch_size // (world * args.grad_accum)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.dtype == "bfloat16")
-    use_ids = args.method == "cgc"
+                trim_log(run_dir / "log.jsonl", phase, step)
     log = open(run_dir / "log.jsonl", "a") if rank == 0 else None
     interrupted = []
 
@@ -280,33 +318,11 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                 batch = [examples[i] for i in batches[b]]
                 n_answer = sum(len(e.answer_ids) for e in batch)  # the loss is the mean over the global batch
                 mine = batch[rank::world]  # this rank's share, as DistributedSampler interleaves
-                loss_sum, tokens = torch.zeros((), device=device), 0
-                for k in range(args.grad_accum):
-                    chunk = mine[k * micro:(k + 1) * micro] if k < args.grad_accum - 1 else mine[k * micro:]
-                    if not chunk:
-                        continue
-                    x = collate(chunk, args.pad_token_id, device)
-                    predicts = x["answer"][:, 1:].bool()  # position t predicts token t + 1
-                    at = torch.cat([predicts, torch.zeros_like(predicts[:, :1])], 1)
-                    with autocast:
-                        logits = model(x["ids"], x["mask"], route_mask=x["route"],
-                                       task_ids=x["task_ids"] if use_ids else None, logits_at=at)
-                    loss = F.cross_entropy(logits.float(), x["ids"][:, 1:][predicts], reduction="sum")
-                    (loss / n_answer).backward()
-                    loss_sum += loss.detach()
-                    tokens += int(x["mask"].sum())
-                for p in params:  # a rank with no examples in this batch still joins the all-reduce
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
+                loss_sum, tokens = backward_global_batch(model, mine, n_answer, args, device)
                 stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
                                      torch.tensor(float(bool(interrupted)), device=device)])
-                if world > 1:  # sum the gradients: each rank's loss is already divided by the global count
-                    flat = torch.cat([p.grad.flatten() for p in params])
-                    dist.all_reduce(flat)
-                    offset = 0
-                    for p in params:
-                        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                        offset += p.numel()
+                if world > 1:
+                    all_reduce_gradients(params)
                     dist.all_reduce(stats)
                 loss_value = stats[0].item() / n_answer
                 if not math.isfinite(loss_value):
@@ -345,6 +361,14 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
         signal.signal(signal.SIGINT, previous_handler)
         if log:
             log.close()
+
+
+def trim_log(file: Path, phase: int, step: int):
+    """Drop log lines written after the checkpoint (a crash between checkpoints), so steps are not repeated."""
+    if file.is_file():
+        keep = [line for line in file.read_text().splitlines(keepends=True)
+                if (json.loads(line)["phase"], json.loads(line)["step"]) <= (phase, step)]
+        _atomic_write(file, lambda f: Path(f).write_text("".join(keep)))
 
 
 def save_checkpoint_rank0(model, optimizer, scheduler, position, ckpt, rank, world):
@@ -442,7 +466,7 @@ def main(argv=None):
                 model = build_model(args, device) if i else model
                 train_phase(model, train_examples([task]), args, task_dir, rank, world, resume=args.resume)
                 m = finish(model, tok, args, [task], task_dir, rank)
-                if rank == 0:
+                if m:
                     after["per_task"].update(m["per_task"])
             if rank == 0:
                 after = summarise(after, args, run_dir)

@@ -179,3 +179,19 @@ def test_torchrun_two_processes_match_one(tiny_trainable, tmp_path):
     assert len(r2) == 1 and r2[0]["same_on_all_ranks"]
     assert r1[0]["permutations"] == r2[0]["permutations"]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_analysis_commands(tiny_trainable, tmp_path):
+    out = tmp_path / "badit"
+    run(tiny_trainable, out, "--method", "badit", "--epochs", "4", "--eval", "none")
+    evaluation.main(["angles", str(out)])
+    rows = (out / "angles.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2  # regroups after epochs 1 and 2 of 4
+    evaluation.main(["conflict", str(out), "--batches", "1", "--batch-size", "2"])
+    matrix = [line.split(",") for line in (out / "conflict.csv").read_text().splitlines()]
+    assert matrix[0][1:] == ["sort_ascending", "sort_descending"]
+    assert float(matrix[1][1]) == pytest.approx(1.0) and -1 <= float(matrix[1][2]) < 1
+    evaluation.main(["coactivation", str(out), "--batches", "1", "--batch-size", "2"])
+    counts = [int(line.split(",")[1]) for line in (out / "coactivation.csv").read_text().splitlines()[1:]]
+    assert len(counts) == 3 and sum(counts) == 3 * 3 * 2  # 3 layers of 96 x 64: 3 x 2 blocks of 32 x 32 each
+    assert counts[1] + 2 * counts[2] == 2 * 1  # each task marks its top 10 % of 18 blocks: one block
