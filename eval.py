@@ -109,6 +109,8 @@ def predict(model, tok, examples, batch_size=16, max_new_tokens=50, use_task_ids
         ids = generate(model, batch["ids"], batch["mask"], max_new_tokens, tok.stop_token_ids, tok.pad_token_id,
                        task_ids=batch["task_ids"] if use_task_ids else None)
         for i, e, row in zip(order[s:s + batch_size], chunk, ids[:, batch["ids"].shape[1]:].tolist()):
+            stops = [k for k, t in enumerate(row) if t in tok.stop_token_ids]
+            row = row[:stops[0]] if stops else row  # what follows the first EOS is padding
             out[i] = {"task": e.task, "id": e.id, "prompt": tok.decode(e.prompt_ids, skip_special_tokens=False),
                       "references": e.references, "prediction": tok.decode(row).strip()}
     model.train(was_training)

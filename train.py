@@ -65,16 +65,16 @@ def parse_args(argv=None):
     g.add_argument("--max-answer-len", type=int, default=50, help="answers are cut to this many tokens (SPEC: 50)")
 
     g = p.add_argument_group("method (SPEC sections 2-6)")
-    g.add_argument("--method", default="badit", choices=METHODS)
-    g.add_argument("--targets", default="gate_proj", help="comma-separated linear layer names to adapt")
-    g.add_argument("--num-experts", type=int, default=6, help="K experts (loramoe, badit)")
-    g.add_argument("--rank", type=int, default=4, help="r, rank per expert")
-    g.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha; the scaling is alpha / r")
-    g.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapter input")
+    g.add_argument("--method", default="badit", choices=METHODS, help="the adapter to train (default: %(default)s)")
+    g.add_argument("--targets", default="gate_proj", help="comma-separated linear layer names to adapt (default: %(default)s)")
+    g.add_argument("--num-experts", type=int, default=6, help="K experts of loramoe and badit (default: %(default)s)")
+    g.add_argument("--rank", type=int, default=4, help="r, the rank of each expert (default: %(default)s)")
+    g.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha; the scaling is alpha / r (default: %(default)s)")
+    g.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapter input (default: %(default)s)")
     g.add_argument("--lora-rank", type=int, help="rank of lora / pissa (default: K x r, BADIT's total rank)")
     g.add_argument("--top-k", type=int, help="keep only the k largest gates (default: dense)")
-    g.add_argument("--common-experts", type=int, default=4, help="cgc: Kc experts shared by all tasks")
-    g.add_argument("--task-experts", type=int, default=2, help="cgc: Ks experts per task")
+    g.add_argument("--common-experts", type=int, default=4, help="cgc: Kc experts shared by all tasks (default: %(default)s)")
+    g.add_argument("--task-experts", type=int, default=2, help="cgc: Ks experts of each task (default: %(default)s)")
 
     g = p.add_argument_group("regrouping (badit only, SPEC section 5)")
     g.add_argument("--regroup-every", type=int, help="regroup every N optimizer steps instead of at the end of "
@@ -82,29 +82,29 @@ def parse_args(argv=None):
     g.add_argument("--regroup-until", type=float, default=0.5, help="with --regroup-every: stop regrouping after "
                    "this fraction of training (default 0.5)")
     g.add_argument("--regroup-signal", default="accumulated", choices=["accumulated", "last"],
-                   help="gradients summed since the last regroup, or the last step's only (the reference code)")
+                   help="gradients summed since the last regroup (default), or the last step's only (the reference code)")
 
     g = p.add_argument_group("optimisation (SPEC section 8)")
-    g.add_argument("--setting", default="mtl", choices=["mtl", "continual", "single"])
+    g.add_argument("--setting", default="mtl", choices=["mtl", "continual", "single"], help="see above (default: %(default)s)")
     g.add_argument("--epochs", type=int, help="default: 10, classroom 4")
     g.add_argument("--lr", type=float, help="AdamW learning rate (default: 2e-4, classroom 1e-3)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--batch-size", type=int, help="global batch per optimizer step, over all ranks and "
                    "accumulation steps (default: 8)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
-    g.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the cosine schedule")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank, to fit memory (default: %(default)s)")
+    g.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the cosine schedule (default: %(default)s)")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (default: %(default)s)")
     g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                    help="plain shuffled batches (default: batches of similar length, less padding)")
 
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, shuffling, answer choice, k-means, continual order")
     g.add_argument("--device", help="cpu or cuda (default: cuda when available; under torchrun, cuda:LOCAL_RANK)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="base weights (default: float32 on CPU, bfloat16 "
                    "with autocast on CUDA); adapters are always float32")
     g.add_argument("--eval", default="both", choices=["both", "after", "none"], help="evaluate on the test sets before "
                    "and after training, after only, or not at all")
-    g.add_argument("--eval-batch-size", type=int, default=16)
+    g.add_argument("--eval-batch-size", type=int, default=16, help="prompts per generation batch (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=int, default=50, help="greedy decoding length at evaluation (SPEC: 50)")
     g.add_argument("--out", help="run directory (default: runs/<method>-<setting>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, with its "

@@ -195,3 +195,11 @@ def test_analysis_commands(tiny_trainable, tmp_path):
     counts = [int(line.split(",")[1]) for line in (out / "coactivation.csv").read_text().splitlines()[1:]]
     assert len(counts) == 3 and sum(counts) == 3 * 3 * 2  # 3 layers of 96 x 64: 3 x 2 blocks of 32 x 32 each
     assert counts[1] + 2 * counts[2] == 2 * 1  # each task marks its top 10 % of 18 blocks: one block
+
+
+def test_evaluate_base_only(tiny_trainable, tmp_path):
+    evaluation.main(["evaluate", "--base-only", "--model", str(tiny_trainable), "--data", "classroom", "--tasks",
+                     "uppercase,lowercase", "--limit", "3", "--max-new-tokens", "3", "--out", str(tmp_path)])
+    metrics = json.loads((tmp_path / "metrics_base.json").read_text())
+    assert {t: m["n"] for t, m in metrics["per_task"].items()} == {"uppercase": 3, "lowercase": 3}
+    assert "| uppercase |" in (tmp_path / "metrics_base.md").read_text()
