@@ -2,6 +2,7 @@
 Ctrl-C, a non-finite loss, the settings, and torchrun with two processes."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -203,3 +204,18 @@ def test_evaluate_base_only(tiny_trainable, tmp_path):
     metrics = json.loads((tmp_path / "metrics_base.json").read_text())
     assert {t: m["n"] for t, m in metrics["per_task"].items()} == {"uppercase": 3, "lowercase": 3}
     assert "| uppercase |" in (tmp_path / "metrics_base.md").read_text()
+
+
+def test_regroup_schedule_and_learning_rate():
+    import argparse
+
+    args = argparse.Namespace(method="badit", regroup_every=None, regroup_until=0.5, epochs=10)
+    assert [e + 1 for e in range(10) if train.regroup_due(args, e, 0, 5, True)] == [1, 2, 3, 4, 5]  # SPEC 5
+    assert not train.regroup_due(args, 0, 3, 5, end_of_epoch=False)
+    args.regroup_every = 4
+    assert [s for s in range(1, 51) if train.regroup_due(args, 0, s, 5, False)] == [4, 8, 12, 16, 20, 24]
+    args.method = "badit-noregroup"
+    assert not any(train.regroup_due(args, e, s, 5, True) for e in range(10) for s in range(50))
+    lr = [train.cosine_with_warmup(s, 100, 0.03) for s in range(100)]
+    assert lr[:4] == pytest.approx([1 / 3, 2 / 3, 1, 1]) and lr[50] == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 97)))
+    assert all(a >= b for a, b in zip(lr[2:], lr[3:])) and lr[-1] < 1e-3
