@@ -454,22 +454,7 @@ def main(argv=None):
             train_phase(model, train_examples(args.tasks), args, run_dir, rank, world, resume=args.resume)
             after = finish(model, tok, args, args.tasks, run_dir, rank)
         elif args.setting == "single":
-            after = {"per_task": {}}
-            for i, task in enumerate(args.tasks):
-                task_dir = run_dir / task
-                if rank == 0:
-                    task_dir.mkdir(parents=True, exist_ok=True)
-                    (task_dir / "config.json").write_text(json.dumps({**config, "tasks": [task], "setting": "single"}, indent=2))
-                if (task_dir / "metrics_test.json").is_file():
-                    after["per_task"].update(json.loads((task_dir / "metrics_test.json").read_text())["per_task"])
-                    continue
-                model = build_model(args, device) if i else model
-                train_phase(model, train_examples([task]), args, task_dir, rank, world, resume=args.resume)
-                m = finish(model, tok, args, [task], task_dir, rank)
-                if m:
-                    after["per_task"].update(m["per_task"])
-            if rank == 0:
-                after = summarise(after, args, run_dir)
+            after = train_single(model, tok, args, config, run_dir, rank, world, train_examples)
         else:
             after = train_continual(model, tok, args, run_dir, rank, world, train_examples)
     except Stop as e:
@@ -494,8 +479,26 @@ def finish(model, tok, args, tasks, run_dir, rank):
     return run_eval(model, tok, args, tasks, run_dir, "metrics_test") if args.eval != "none" else None
 
 
-def summarise(metrics, args, run_dir):
-    per_task = metrics["per_task"]
+def train_single(model, tok, args, config, run_dir, rank, world, train_examples):
+    """One adapter per task, each a complete run directory <run_dir>/<task>; finished tasks are skipped."""
+    per_task = {}
+    for i, task in enumerate(args.tasks):
+        task_dir = run_dir / task
+        if rank == 0:
+            task_dir.mkdir(parents=True, exist_ok=True)
+            (task_dir / "config.json").write_text(json.dumps({**config, "tasks": [task], "setting": "single"}, indent=2))
+        if (task_dir / "metrics_test.json").is_file():
+            per_task.update(json.loads((task_dir / "metrics_test.json").read_text())["per_task"])
+            continue
+        model = build_model(args, device=model.lm_head.weight.device) if i else model  # a fresh adapter
+        train_phase(model, train_examples([task]), args, task_dir, rank, world, resume=args.resume)
+        metrics = finish(model, tok, args, [task], task_dir, rank)
+        per_task.update(metrics["per_task"] if metrics else {})
+    return summarise(per_task, args, run_dir) if rank == 0 else None
+
+
+def summarise(per_task, args, run_dir):
+    """The single-task models' scores as one metrics_test.json: the baseline of colla and Fwt."""
     if not per_task:
         return None
     out = {"per_task": per_task, "task_ids_used": args.method == "cgc",
@@ -522,6 +525,7 @@ def train_continual(model, tok, args, run_dir, rank, world, train_examples):
         train_phase(model, train_examples([task]), args, run_dir, rank, world, phase=j, resume=args.resume and j == first)
         if rank == 0 and len(record["rougeL"]) <= j:
             save_adapters(model, run_dir / f"after_{j + 1}_{task}")
+            (run_dir / f"after_{j + 1}_{task}" / "config.json").write_text((run_dir / "config.json").read_text())
             after = run_eval(model, tok, args, order, run_dir / f"after_{j + 1}_{task}", "metrics_test")
             record["rougeL"].append([after["per_task"][t]["rougeL"] for t in order])
             record["exact_match"].append([after["per_task"][t]["exact_match"] for t in order])
