@@ -62,26 +62,28 @@ def test_every_method_trains_saves_and_evaluates(tiny_trainable, tmp_path, metho
 
 
 def interrupt_at(monkeypatch, at_step):
-    """Send this process a real SIGINT during optimizer step `at_step` (the handler asks for a checkpoint)."""
-    original = train.regroup_due
+    """Send this process a real SIGINT during the forward-backward of optimizer step `at_step`
+    (counted over the whole run), as a Ctrl-C would arrive."""
+    original, calls = train.backward_global_batch, []
 
-    def regroup_due(args, epoch, step, steps_per_epoch, end_of_epoch):
-        if step == at_step:
+    def backward_global_batch(*args):
+        calls.append(1)
+        if len(calls) == at_step:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(args, epoch, step, steps_per_epoch, end_of_epoch)
+        return original(*args)
 
-    monkeypatch.setattr(train, "regroup_due", regroup_due)
+    monkeypatch.setattr(train, "backward_global_batch", backward_global_batch)
 
 
-@pytest.mark.parametrize("at_step, stopped_after", [(2, 3), (4, 4)])  # mid-epoch 1; at its end, after the regroup
-def test_interrupt_and_resume_equal_an_uninterrupted_run(tiny_trainable, tmp_path, monkeypatch, at_step, stopped_after):
+@pytest.mark.parametrize("at_step", [2, 4])  # mid-epoch 1; at its end, after the regroup
+def test_interrupt_and_resume_equal_an_uninterrupted_run(tiny_trainable, tmp_path, monkeypatch, at_step):
     extra = ["--method", "badit", "--epochs", "3", "--eval", "none"]
     run(tiny_trainable, tmp_path / "full", *extra)
     interrupt_at(monkeypatch, at_step)
     with pytest.raises(SystemExit) as stop:
         run(tiny_trainable, tmp_path / "cut", *extra)
     assert stop.value.code == 130
-    assert len(losses(tmp_path / "cut")) == stopped_after  # mid-epoch, the flag is read at the next step
+    assert len(losses(tmp_path / "cut")) == at_step  # the step under way finishes, then the checkpoint
     monkeypatch.undo()
     train.main(["--out", str(tmp_path / "cut"), "--resume"])
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # bitwise, dropout included
@@ -219,3 +221,27 @@ def test_regroup_schedule_and_learning_rate():
     lr = [train.cosine_with_warmup(s, 100, 0.03) for s in range(100)]
     assert lr[:4] == pytest.approx([1 / 3, 2 / 3, 1, 1]) and lr[50] == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 97)))
     assert all(a >= b for a, b in zip(lr[2:], lr[3:])) and lr[-1] < 1e-3
+
+
+def test_gradient_accumulation_equals_the_full_batch(tiny_trainable, tmp_path):
+    extra = ["--method", "badit", "--dropout", "0", "--eval", "none"]
+    run(tiny_trainable, tmp_path / "full", *extra)
+    run(tiny_trainable, tmp_path / "accum", *extra, "--grad-accum", "2")
+    assert [loss for _, loss in losses(tmp_path / "accum")] == pytest.approx([loss for _, loss in losses(tmp_path / "full")], rel=1e-5)
+    permutations = lambda out: [e["permutations"] for e in log_of(out) if "regroup" in e]  # noqa: E731
+    assert permutations(tmp_path / "accum") == permutations(tmp_path / "full")
+
+
+def test_continual_resume_after_an_interrupt_in_the_second_task(tiny_trainable, tmp_path, monkeypatch):
+    extra = ["--method", "badit", "--setting", "continual", "--eval", "after"]
+    run(tiny_trainable, tmp_path / "full", *extra)
+    interrupt_at(monkeypatch, 4 + 2)  # step 2 of the second task (the first takes 4 steps)
+    with pytest.raises(SystemExit):
+        run(tiny_trainable, tmp_path / "cut", *extra)
+    assert len(json.loads((tmp_path / "cut" / "continual.json").read_text())["rougeL"]) == 1
+    assert [e["phase"] for e in log_of(tmp_path / "cut") if "loss" in e] == [0, 0, 0, 0, 1, 1]
+    monkeypatch.undo()
+    train.main(["--out", str(tmp_path / "cut"), "--resume"])
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    full, cut = (json.loads((tmp_path / d / "continual.json").read_text()) for d in ("full", "cut"))
+    assert cut == full
