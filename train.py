@@ -276,7 +276,11 @@ def all_reduce_gradients(params):
 
 
 class Stop(Exception):
-    """Training must stop: Ctrl-C (a checkpoint was saved) or a non-finite loss (nothing was saved)."""
+    """Training must stop: Ctrl-C (a checkpoint was saved, exit code 130) or a non-finite loss (1)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, phase: int = 0, resume=False) -> None:
@@ -295,7 +299,8 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
             epoch, first_batch, step = position["epoch"], position["batch"], position["step"]
             if rank == 0:
                 print(f"resuming {run_dir} at epoch {epoch + 1}, batch {first_batch}, step {step}")
-                trim_log(run_dir / "log.jsonl", phase, step)
+    if resume and rank == 0:
+        trim_log(run_dir / "log.jsonl", phase, step)
     log = open(run_dir / "log.jsonl", "a") if rank == 0 else None
     interrupted = []
 
@@ -328,7 +333,7 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                 if not math.isfinite(loss_value):
                     raise Stop(f"non-finite loss ({loss_value}) at step {step + 1} (epoch {epoch + 1}, batch {b}): "
                                f"training stopped; the last good checkpoint is kept in {ckpt} (if an epoch had "
-                               f"finished). Lower --lr, or check the data and --dtype.")
+                               f"finished). Lower --lr, or check the data and --dtype.", exit_code=1)
                 if args.method == "badit":
                     accumulate_regroup_signal(model)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
@@ -350,13 +355,13 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                 if stats[2].item() and not last:
                     save_checkpoint_rank0(model, optimizer, scheduler, dict(phase=phase, epoch=epoch, batch=b + 1, step=step), ckpt, rank, world)
                     raise Stop(f"interrupted: checkpoint saved in {ckpt}; continue with "
-                               f"`python train.py --out {run_dir} --resume`.")
+                               f"`python train.py --out {run_dir} --resume`.", exit_code=130)
             bar.close()
             epoch, first_batch = epoch + 1, 0
             save_checkpoint_rank0(model, optimizer, scheduler, dict(phase=phase, epoch=epoch, batch=0, step=step), ckpt, rank, world)
             if interrupted:
                 raise Stop(f"interrupted after epoch {epoch}: checkpoint saved in {ckpt}; continue with "
-                           f"`python train.py --out {run_dir} --resume`.")
+                           f"`python train.py --out {run_dir} --resume`.", exit_code=130)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         if log:
@@ -413,7 +418,7 @@ def build_model(args, device):
 def run_eval(model, tok, args, tasks, out_dir, name):
     examples = test_examples(tok, args.data, tasks, "test", args.eval_limit, args.max_len, args.max_answer_len, args.tasks)
     return evaluate(model, tok, examples, out_dir, name, batch_size=args.eval_batch_size,
-                    max_new_tokens=args.max_new_tokens, use_task_ids=args.method == "cgc" and model.adapter_config is not None)
+                    max_new_tokens=args.max_new_tokens, use_task_ids=args.method == "cgc")
 
 
 def main(argv=None):
@@ -460,7 +465,7 @@ def main(argv=None):
     except Stop as e:
         if rank == 0:
             print(f"\n{e}", file=sys.stderr)
-        sys.exit(130 if "interrupted" in str(e) else 1)
+        sys.exit(e.exit_code)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
