@@ -312,6 +312,7 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
             tqdm.write("Ctrl-C: saving a checkpoint after this step (press again to stop without saving) ...")
 
     previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
+    stopping = False  # a Ctrl-C seen by any rank, agreed through the all-reduce of the step's stats
     model.train()
     try:
         while epoch < args.epochs:
@@ -329,7 +330,7 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                 if world > 1:
                     all_reduce_gradients(params)
                     dist.all_reduce(stats)
-                loss_value = stats[0].item() / n_answer
+                loss_value, stopping = stats[0].item() / n_answer, stats[2].item() > 0
                 if not math.isfinite(loss_value):
                     raise Stop(f"non-finite loss ({loss_value}) at step {step + 1} (epoch {epoch + 1}, batch {b}): "
                                f"training stopped; the last good checkpoint is kept in {ckpt} (if an epoch had "
@@ -352,14 +353,14 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                 last = b == len(batches) - 1
                 if regroup_due(args, epoch, step, steps_per_epoch, last):
                     do_regroup(model, optimizer, args, world, log, phase, epoch, step)
-                if stats[2].item() and not last:
+                if stopping and not last:
                     save_checkpoint_rank0(model, optimizer, scheduler, dict(phase=phase, epoch=epoch, batch=b + 1, step=step), ckpt, rank, world)
                     raise Stop(f"interrupted: checkpoint saved in {ckpt}; continue with "
                                f"`python train.py --out {run_dir} --resume`.", exit_code=130)
             bar.close()
             epoch, first_batch = epoch + 1, 0
             save_checkpoint_rank0(model, optimizer, scheduler, dict(phase=phase, epoch=epoch, batch=0, step=step), ckpt, rank, world)
-            if interrupted:
+            if stopping:
                 raise Stop(f"interrupted after epoch {epoch}: checkpoint saved in {ckpt}; continue with "
                            f"`python train.py --out {run_dir} --resume`.", exit_code=130)
     finally:
