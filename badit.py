@@ -484,8 +484,6 @@ def save_adapters(model, out_dir):
 
 def load_adapters(model, adapter_dir) -> dict:
     """Restore save_adapters' output onto a freshly loaded base model, exactly."""
-    from safetensors.torch import load_file
-
     adapter_dir = Path(adapter_dir)
     for name in ("adapter_config.json", "adapter.safetensors"):
         if not (adapter_dir / name).is_file():
@@ -493,16 +491,25 @@ def load_adapters(model, adapter_dir) -> dict:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     hyper = {k: v for k, v in config.items() if k not in ("method", "active_rank", "trainable_params")}
     add_adapters(model, config["method"], **hyper, init=False)
-    state = load_file(adapter_dir / "adapter.safetensors", device=str(model.lm_head.weight.device))
+    load_adapter_state(model, adapter_dir / "adapter.safetensors")
+    if config["method"] in SVD_METHODS:  # the base weight is still W0: make it W0 - s B0 A0
+        for a in adapters_of(model).values():
+            set_residual(a)
+    return config
+
+
+def load_adapter_state(model, file):
+    """Copy adapter.safetensors into the model's adapters, added with the same config (the base weights are
+    left as they are: a resumed run's already hold W_res)."""
+    from safetensors.torch import load_file
+
+    state = load_file(file, device=str(model.lm_head.weight.device))
     expected = adapter_state(model)
     if set(state) != set(expected):
         diff = sorted(set(state) ^ set(expected))[:3]
-        raise ValueError(f"{adapter_dir / 'adapter.safetensors'} does not fit this model and adapter_config.json (e.g. {diff}).")
+        raise ValueError(f"{file} does not fit this model and adapter_config.json (e.g. {diff}).")
     for name, a in adapters_of(model).items():
         a.load_state_dict({k: state[f"{name}.{k}"] for k in a.state_dict() if not k.startswith("base.")}, strict=False)
-        if config["method"] in SVD_METHODS:
-            set_residual(a)
-    return config
 
 
 def _hf_name(name: str) -> str:  # our module names drop Hugging Face's leading "model."

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from badit import (METHODS, _atomic_write, accumulate_regroup_signal, adapter_state, add_adapters, regroup, routed_adapters,
-                   save_adapters)
+from badit import (METHODS, _atomic_write, accumulate_regroup_signal, add_adapters, load_adapter_state, regroup,
+                   routed_adapters, save_adapters)
 from data import CLASSROOM, batch_order, collate, encode_examples, list_tasks, load_tasks
 from eval import continual_metrics, evaluate, markdown_table, test_examples
 from model import load_model, load_tokenizer
@@ -203,7 +203,7 @@ def load_checkpoint(model, optimizer, scheduler, ckpt_dir: Path) -> dict:
     state = json.loads((ckpt_dir / "trainer.json").read_text())
     tensors = load_file(ckpt_dir / "trainer.safetensors")
     device = model.lm_head.weight.device
-    load_adapters_into(model, ckpt_dir)
+    load_adapter_state(model, ckpt_dir / "adapter.safetensors")
     opt_state = {}
     for key, v in tensors.items():
         if key.startswith("optimizer."):
@@ -220,14 +220,6 @@ def load_checkpoint(model, optimizer, scheduler, ckpt_dir: Path) -> dict:
     if "rng.cuda" in tensors and device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return state
-
-
-@torch.no_grad()
-def load_adapters_into(model, adapter_dir: Path):
-    """Copy saved adapter tensors into the model's existing adapters (same method and shapes)."""
-    saved = load_file(adapter_dir / "adapter.safetensors")
-    for key, t in adapter_state(model).items():
-        t.copy_(saved[key])
 
 
 # ----------------------------------------------------------------------------------------------
