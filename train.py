@@ -185,15 +185,15 @@ def save_checkpoint(model, optimizer, scheduler, position: dict, ckpt_dir: Path)
     """Adapter + optimizer state + signal accumulators + RNG -> ckpt_dir, each file replaced atomically."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     save_adapters(model, ckpt_dir)
-    tensors = {f"optimizer.{i}.{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+    opt = optimizer.state_dict()
+    tensors = {f"optimizer.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
     for name, a in routed_adapters(model).items():
         if hasattr(a, "signal_sum"):
             tensors[f"signal.{name}.sum"], tensors[f"signal.{name}.last"] = a.signal_sum, a.signal_last
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    groups = [{k: v for k, v in g.items()} for g in optimizer.state_dict()["param_groups"]]
-    state = {**position, "param_groups": groups, "scheduler": scheduler.state_dict()}
+    state = {**position, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict()}
     _atomic_write(ckpt_dir / "trainer.safetensors", lambda f: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, f))
     _atomic_write(ckpt_dir / "trainer.json", lambda f: Path(f).write_text(json.dumps(state, indent=1)))
 
@@ -424,7 +424,7 @@ def main(argv=None):
     ensure_demo_model(args.model, rank, world)
     run_dir = Path(args.out)
     tok = load_tokenizer(args.model)
-    args.pad_token_id = tok.pad_token_id
+    args.pad_token_id = tok.pad_token_id  # for collate in the loop; not saved (the tokenizer gives it)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "pad_token_id")}
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
