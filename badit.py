@@ -32,6 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import InputError, MissingFile
+from model import read_json, read_safetensors
+
 METHODS = ("lora", "pissa", "loramoe", "badit-noregroup", "badit", "cgc")
 SVD_METHODS = ("pissa", "badit-noregroup", "badit")
 
@@ -67,10 +70,14 @@ class Adapter(nn.Module):
 
 
 class LoRA(Adapter):
-    """lora and pissa: one low-rank update of rank N = r_lora, no router."""
+    """lora and pissa: one low-rank update of rank N = r_lora, no router.
 
-    def __init__(self, base, rank, alpha, dropout):
-        super().__init__(base, rank, rank, alpha, dropout)
+    Each component is scaled by s = alpha / r with r the expert rank, as in every method (SPEC section
+    6): a rank-24 LoRA is then exactly six rank-4 experts without a router. PEFT would use alpha / r_lora.
+    """
+
+    def __init__(self, base, lora_rank, rank, alpha, dropout):
+        super().__init__(base, lora_rank, rank, alpha, dropout)
 
 
 class MoE(Adapter):
@@ -88,9 +95,10 @@ class MoE(Adapter):
     def coefficients(self, x):
         if self.routing.mask is None:  # decoding: the gate computed at prefill
             return self.routing.gates[self]
-        m = self.routing.mask.to(x.dtype)[..., None]  # (B, L, 1)
-        xbar = (x * m).sum(1) / m.sum(1).clamp(min=1)  # (B, n) masked mean over the prompt
-        g = torch.softmax(xbar.float() @ self.G.T, dim=-1)  # (B, K)
+        with torch.autocast(x.device.type, enabled=False):  # the router in float32 (SPEC section 8)
+            m = self.routing.mask.float()[..., None]  # (B, L, 1)
+            xbar = (x.float() * m).sum(1) / m.sum(1).clamp(min=1)  # (B, n) masked mean over the prompt
+            g = torch.softmax(xbar @ self.G.T, dim=-1)  # (B, K)
         if self.top_k is not None:  # keep the k largest gates, renormalise to sum to 1
             kept = torch.zeros_like(g).scatter(1, g.topk(self.top_k, dim=-1).indices, 1.0)
             g = g * kept / (g * kept).sum(-1, keepdim=True)
@@ -121,7 +129,7 @@ class CGC(Adapter):
 
     def coefficients(self, x):
         if self.routing.task_ids is None:
-            raise ValueError("cgc adapters need a task id per sequence: pass task_ids=(B,) tensor to the model or to generate().")
+            raise InputError("cgc adapters need a task id per sequence: pass task_ids=(B,) tensor to the model or to generate().")
         return self.task_coefficients(self.routing.task_ids.to(x.device))
 
 
@@ -144,7 +152,7 @@ def svd_init_experts(adapter: Adapter):
     """
     N, (m, n) = adapter.A.shape[0], adapter.base.weight.shape
     if N > min(m, n):
-        raise ValueError(f"{N} components (experts x rank) exceed min(out, in) = {min(m, n)} of a {m} x {n} layer; lower the rank or the number of experts.")
+        raise InputError(f"{N} components (experts x rank) exceed min(out, in) = {min(m, n)} of a {m} x {n} layer; lower the rank or the number of experts.")
     U, S, Vh = torch.linalg.svd(adapter.base.weight.float(), full_matrices=False)
     root = (S[:N] / adapter.scaling).sqrt()
     with torch.no_grad():
@@ -174,13 +182,19 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=6, rank
     hyperparameters, the trainable-parameter count and the rank active per example.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     if method == "cgc" and not num_tasks:
-        raise ValueError("cgc needs num_tasks (the number of tasks, each with its own specific experts).")
+        raise InputError("cgc needs num_tasks (the number of tasks, each with its own specific experts).")
+    if top_k is not None and method != "loramoe":
+        why = ("with SVD experts the tied gates at step 0 would drop all but k experts and the model would not start "
+               "at its own function (SPEC section 4)" if method in SVD_METHODS else f"{method} has no router")
+        raise InputError(f"--top-k is for loramoe only: {why}. Leave --top-k out for {method}.")
+    if top_k is not None and not 1 <= top_k <= num_experts:
+        raise InputError(f"--top-k {top_k} must be between 1 and --num-experts ({num_experts}).")
     names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name.split(".")[-1] in targets]
     if not names:
         linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"targets {tuple(targets)} match no linear layer; the model's linear layers are named {', '.join(linears)}.")
+        raise InputError(f"targets {tuple(targets)} match no linear layer; the model's linear layers are named {', '.join(linears)}.")
     lora_rank = lora_rank or num_experts * rank
     config = dict(method=method, targets=list(targets), num_experts=num_experts, rank=rank, alpha=alpha, dropout=dropout,
                   lora_rank=lora_rank, top_k=top_k, num_tasks=num_tasks, common_experts=common_experts, task_experts=task_experts)
@@ -190,7 +204,7 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=6, rank
         parent, _, leaf = name.rpartition(".")
         base = model.get_submodule(name)
         if method in ("lora", "pissa"):
-            adapter = LoRA(base, lora_rank, alpha, dropout)
+            adapter = LoRA(base, lora_rank, rank, alpha, dropout)
         elif method == "cgc":
             adapter = CGC(base, common_experts, task_experts, num_tasks, rank, alpha, dropout, model.routing)
         else:
@@ -286,7 +300,7 @@ def spherical_kmeans(x, k: int, n_init: int = 10, max_iter: int = 100, seed: int
     X = x.float()[None] if x.dim() == 2 else x.float()
     L, N, _ = X.shape
     if not 1 <= k <= N:
-        raise ValueError(f"spherical_kmeans: k = {k} clusters for {N} points; need 1 <= k <= N.")
+        raise InputError(f"spherical_kmeans: k = {k} clusters for {N} points; need 1 <= k <= N.")
     dots = X @ X.transpose(1, 2)  # (L, N, N)
     inv_norm = 1 / dots.diagonal(dim1=1, dim2=2).sqrt().clamp(min=1e-12)  # (L, N): 1 / ||x_i||
     gram = (dots * inv_norm[:, :, None] * inv_norm[:, None, :]).repeat_interleave(n_init, dim=0)  # (b, N, N) cosines
@@ -327,28 +341,91 @@ def spherical_kmeans(x, k: int, n_init: int = 10, max_iter: int = 100, seed: int
 
 
 def balanced_assignment(sim, r: int):
-    """Exactly r components per expert (SPEC section 5): sim (L, N, K) with N = K r -> perm (L, N).
+    """Exactly r components per expert (SPEC section 5): sim (L, N, K) with N = K r -> expert (L, N).
 
     N greedy steps, all layers at once: place the most similar (component, expert) pair among
-    unplaced components and experts with fewer than r members. perm lists expert 0's components
-    first, then expert 1's, ..., each in descending similarity: new component i is old perm[i].
+    unplaced components and experts with fewer than r members.
     """
     L, N, K = sim.shape
     if N != K * r:
-        raise ValueError(f"balanced_assignment: {N} components cannot fill {K} experts of rank {r} exactly.")
+        raise InputError(f"balanced_assignment: {N} components cannot fill {K} experts of rank {r} exactly.")
     free = sim.float().clone()
-    labels = torch.empty(L, N, dtype=torch.long, device=sim.device)
+    expert = torch.empty(L, N, dtype=torch.long, device=sim.device)
     count = torch.zeros(L, K, dtype=torch.long, device=sim.device)
     rows = torch.arange(L, device=sim.device)
     for _ in range(N):
         flat = free.view(L, -1).argmax(-1)
         j, e = flat // K, flat % K
-        labels[rows, j] = e
+        expert[rows, j] = e
         count[rows, e] += 1
         free[rows, j, :] = -math.inf
         free.masked_fill_((count == r)[:, None, :], -math.inf)
-    placed = sim.float().gather(2, labels[..., None])[..., 0]  # in [-1, 1]
-    return torch.argsort(labels * 4 - placed, dim=1, stable=True)
+    return expert
+
+
+def hungarian(score: list[list[float]]) -> list[int]:
+    """Exact maximum-weight assignment of a square matrix: -> col[i] for row i, maximising
+    sum_i score[i][col[i]]. The Hungarian algorithm (Kuhn 1955) in its O(n^3) shortest-augmenting-
+    path form with row and column potentials u, v; small matrices only (K x K)."""
+    n, inf = len(score), math.inf
+    u, v, owner, way = [0.0] * (n + 1), [0.0] * (n + 1), [0] * (n + 1), [0] * (n + 1)  # 1-based; column 0 is a sentinel
+    for i in range(1, n + 1):
+        owner[0], j0 = i, 0
+        best, used = [inf] * (n + 1), [False] * (n + 1)
+        while owner[j0]:  # grow the alternating tree from row i until it reaches a free column
+            used[j0], i0, delta, j1 = True, owner[j0], inf, 0
+            for j in range(1, n + 1):
+                if not used[j]:
+                    reduced = -score[i0 - 1][j - 1] - u[i0] - v[j]  # minimise the cost -score
+                    if reduced < best[j]:
+                        best[j], way[j] = reduced, j0
+                    if best[j] < delta:
+                        delta, j1 = best[j], j
+            for j in range(n + 1):
+                if used[j]:
+                    u[owner[j]] += delta
+                    v[j] -= delta
+                else:
+                    best[j] -= delta
+            j0 = j1
+        while j0:  # flip the augmenting path
+            owner[j0], j0 = owner[way[j0]], way[j0]
+    col = [0] * n
+    for j in range(1, n + 1):
+        col[owner[j] - 1] = j - 1
+    return col
+
+
+def match_clusters_to_experts(labels, sim, r: int):
+    """SPEC section 5, "Matching clusters to experts": k-means numbers its clusters arbitrarily, so
+    give expert e the cluster sharing most members with it (an exact assignment on the K x K
+    overlap matrix), ties broken by how similar the expert's current members are to the cluster's
+    centroid. labels (L, N) k-means clusters, sim (L, N, K) -> cluster (L, K) matched to each expert."""
+    L, N, K = sim.shape
+    expert_now = (torch.arange(N, device=sim.device) // r).expand(L, N)
+    members = F.one_hot(expert_now, K).float()  # (L, N, K): component j is in expert e now
+    overlap = F.one_hot(labels, K).float().transpose(1, 2) @ members  # (L, K clusters, K experts)
+    closeness = sim.float().transpose(1, 2) @ members  # sum of the expert's members' cosines, in [-N, N]
+    score = (overlap + closeness / (2 * N + 1)).cpu().tolist()  # the tie-break never outweighs one shared member
+    return torch.tensor([hungarian(list(map(list, zip(*s)))) for s in score], device=sim.device)  # experts as rows
+
+
+def permutation_in_place(expert, sim, r: int):
+    """expert (L, N): each component's new expert, r each -> perm (L, N), new component i = old perm[i].
+
+    A component whose expert does not change keeps its slot, so an unchanged partition is the
+    identity; the newcomers of an expert take its free slots in descending similarity (SPEC section 5).
+    """
+    L, N = expert.shape
+    position = torch.arange(N, device=expert.device).expand(L, N)
+    stays = expert == position // r
+    placed = sim.float().gather(2, expert[..., None])[..., 0]  # in [-1, 1]
+    newcomers = torch.argsort(torch.where(stays, math.inf, expert * 4 - placed), dim=1, stable=True)
+    free_slots = torch.argsort(torch.where(stays, math.inf, position.float()), dim=1, stable=True)
+    perm = torch.where(stays, position, -1)
+    moving = torch.arange(N, device=expert.device) < (~stays).sum(1, keepdim=True)  # the first n of each sorted list
+    perm[moving.nonzero()[:, 0], free_slots[moving]] = newcomers[moving]
+    return perm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,21 +482,33 @@ def permute_components(adapter: Adapter, perm, optimizer=None):
             t.copy_(t.index_select(dim, perm))
 
 
+def reset_regroup_signal(model):
+    """Start the signal afresh: at the start of a training phase (a new task of the continual setting)."""
+    for a in routed_adapters(model).values():
+        for name in ("signal_sum", "signal_last"):
+            if hasattr(a, name):
+                delattr(a, name)
+
+
 @torch.no_grad()
-def regroup(model, optimizer=None, signal: str = "accumulated", n_init: int = 10, max_iter: int = 100, seed: int = 0) -> dict:
-    """Regroup every routed adapter's components by spherical k-means of their gradient directions.
+def regroup(model, optimizer=None, signal: str = "accumulated", n_init: int = 10, max_iter: int = 100, seed: int = 0,
+            sync=None) -> dict:
+    """Regroup every routed adapter's components by spherical k-means of their gradient directions (SPEC section 5).
 
     signal: "accumulated" (summed since the last regroup, the default) or "last" (the last optimizer
     step's gradient only, the reference code's behaviour). Layers of equal shape are clustered in
-    one batch on the parameters' device; each layer gets an exact balanced permutation, applied to
-    A, B, their gradients and optimizer state; the router G is left unchanged; the signal restarts.
-    Returns the diagnostics of SPEC section 5, averaged over layers, and each layer's permutation.
+    one batch on the parameters' device; the clusters are matched to the current experts, then each
+    layer gets an exact balanced permutation. sync (data parallel): maps {layer: permutation} to the
+    permutations to apply, e.g. rank 0's everywhere. The permutation is applied to A, B, their
+    gradients and optimizer state; the router G is left unchanged; the signal restarts.
+    Returns the diagnostics of SPEC section 5 averaged over layers (moved: the total and moved_mean),
+    per layer, and each layer's permutation.
     """
     if signal not in ("accumulated", "last"):
-        raise ValueError(f"regroup signal must be 'accumulated' or 'last', not {signal!r}.")
+        raise InputError(f"regroup signal must be 'accumulated' or 'last', not {signal!r}.")
     layers = {name: a for name, a in routed_adapters(model).items() if hasattr(a, "signal_sum")}
     if not layers:
-        raise ValueError("regroup: no gradient signal yet; call accumulate_regroup_signal(model) after each backward.")
+        raise InputError("regroup: no gradient signal yet; call accumulate_regroup_signal(model) after each backward.")
     by_shape = {}
     for name, a in layers.items():
         by_shape.setdefault((tuple(a.A.shape), tuple(a.B.shape), a.rank), []).append(name)
@@ -429,33 +518,37 @@ def regroup(model, optimizer=None, signal: str = "accumulated", n_init: int = 10
     for (_, _, r), names in by_shape.items():
         Z = torch.stack([layers[n].signal_sum if signal == "accumulated" else layers[n].signal_last for n in names])
         Z = F.normalize(Z, dim=-1, eps=1e-12)  # (L, N, n + m)
-        K = Z.shape[1] // r
-        intra, inter = expert_angles(Z, r)
-        labels, centroids = spherical_kmeans(Z, K, n_init, max_iter, seed)
+        L, N, _ = Z.shape
+        labels, centroids = spherical_kmeans(Z, N // r, n_init, max_iter, seed)
         sim = Z @ centroids.transpose(1, 2)  # (L, N, K)
-        perm = balanced_assignment(sim, r)
-        intra_after, inter_after = expert_angles(Z.gather(1, perm[..., None].expand_as(Z)), r)
-        position = torch.arange(Z.shape[1], device=Z.device)
-        stats["intra_before"] += intra.tolist()
-        stats["inter_before"] += inter.tolist()
-        stats["intra_after"] += intra_after.tolist()
-        stats["inter_after"] += inter_after.tolist()
         stats["objective"] += sim.gather(2, labels[..., None]).mean((1, 2)).tolist()  # mean cos to own centroid
-        stats["moved"] += (position // r != perm // r).sum(1).tolist()  # components whose expert changed
-        for name, p in zip(names, perm):
-            permute_components(layers[name], p, optimizer)
-            layers[name].signal_sum.zero_()
-            permutations[name] = p.tolist()
+        sim = sim.gather(2, match_clusters_to_experts(labels, sim, r)[:, None, :].expand(L, N, -1))  # column e: expert e's cluster
+        expert = balanced_assignment(sim, r)
+        perm = permutation_in_place(expert, sim, r)
+        for when, z in (("before", Z), ("after", Z.gather(1, perm[..., None].expand_as(Z)))):
+            intra, inter = expert_angles(z, r)
+            stats[f"intra_{when}"] += intra.tolist()
+            stats[f"inter_{when}"] += inter.tolist()
+        stats["moved"] += (expert != torch.arange(N, device=Z.device) // r).sum(1).tolist()  # changed expert
+        permutations.update(zip(names, perm))
+    if sync is not None:
+        permutations = sync(permutations)
+    for name, p in permutations.items():
+        permute_components(layers[name], p, optimizer)
+        layers[name].signal_sum.zero_()
     out = {key: sum(v) / len(v) for key, v in stats.items()}
-    out["moved"] = sum(stats["moved"])
-    return {**out, "per_layer": stats, "permutations": permutations}
+    out["moved_mean"], out["moved"] = out["moved"], sum(stats["moved"])
+    return {**out, "per_layer": stats, "permutations": {n: p.tolist() for n, p in permutations.items()}}
 
 
 # ----------------------------------------------------------------------------------------------
 # Saving, loading, exporting, merging
 
 
-def _atomic_write(path: Path, write):
+def atomic_write(path, write):
+    """write(tmp) to a temporary file beside path, then rename it over path: readers see the old file or
+    the new one, never a half-written one (the project's one way to write a file it may read back)."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     os.close(fd)
     try:
@@ -478,17 +571,18 @@ def save_adapters(model, out_dir):
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "adapter.safetensors", lambda f: save_file(adapter_state(model), f))
-    _atomic_write(out / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(model.adapter_config, indent=2)))
+    atomic_write(out / "adapter.safetensors", lambda f: save_file(adapter_state(model), f))
+    atomic_write(out / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(model.adapter_config, indent=2)))
 
 
 def load_adapters(model, adapter_dir) -> dict:
-    """Restore save_adapters' output onto a freshly loaded base model, exactly."""
+    """Restore save_adapters' output onto a freshly loaded base model, exactly: the residual of the SVD
+    methods is rebuilt from the saved A0, B0 (never from a new SVD, which need not be bitwise equal)."""
     adapter_dir = Path(adapter_dir)
     for name in ("adapter_config.json", "adapter.safetensors"):
         if not (adapter_dir / name).is_file():
-            raise FileNotFoundError(f"{adapter_dir / name} is missing: pass a folder written by save_adapters (a run directory).")
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+            raise MissingFile(f"{adapter_dir / name} is missing: pass a folder written by save_adapters (a run directory).")
+    config = read_json(adapter_dir / "adapter_config.json", "it was not written completely; use a complete run directory")
     hyper = {k: v for k, v in config.items() if k not in ("method", "active_rank", "trainable_params")}
     add_adapters(model, config["method"], **hyper, init=False)
     load_adapter_state(model, adapter_dir / "adapter.safetensors")
@@ -499,17 +593,26 @@ def load_adapters(model, adapter_dir) -> dict:
 
 
 def load_adapter_state(model, file):
-    """Copy adapter.safetensors into the model's adapters, added with the same config (the base weights are
-    left as they are: a resumed run's already hold W_res)."""
-    from safetensors.torch import load_file
-
-    state = load_file(file, device=str(model.lm_head.weight.device))
+    """Copy adapter.safetensors into the model's adapters, added with the same config (the base weights
+    are left as they are)."""
+    state = read_safetensors(file, "it was not written completely; use a complete run directory",
+                             device=model.lm_head.weight.device)
     expected = adapter_state(model)
     if set(state) != set(expected):
         diff = sorted(set(state) ^ set(expected))[:3]
-        raise ValueError(f"{file} does not fit this model and adapter_config.json (e.g. {diff}).")
+        raise InputError(f"{file} does not fit this model and adapter_config.json (e.g. {diff}).")
     for name, a in adapters_of(model).items():
         a.load_state_dict({k: state[f"{name}.{k}"] for k in a.state_dict() if not k.startswith("base.")}, strict=False)
+
+
+def remove_adapters(model):
+    """Unwrap every adapter, putting the frozen base linears back (for the SVD methods these hold the
+    residual W0 - s B0 A0, not W0: merge or reload the model to get W0 back)."""
+    for name, a in adapters_of(model).items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, a.base)
+    model.adapter_config = None
+    return model
 
 
 def _hf_name(name: str) -> str:  # our module names drop Hugging Face's leading "model."
@@ -519,15 +622,16 @@ def _hf_name(name: str) -> str:  # our module names drop Hugging Face's leading 
 def export_peft(model, out_dir, base_model_name_or_path: str = ""):
     """Write a lora or pissa adapter in PEFT's format (adapter_config.json + adapter_model.safetensors).
 
-    A pissa adapter is exported as PEFT's documented PiSSA-to-LoRA conversion: rank 2r with
-    A' = [A; A0], B' = [B, -B0] (and alpha doubled, keeping the scaling), so that it applies to the
+    PEFT scales by lora_alpha / r, so lora_alpha = s x r_lora keeps our s = alpha / r (SPEC section 6).
+    A pissa adapter is exported as PEFT's documented PiSSA-to-LoRA conversion: rank 2 r_lora with
+    A' = [A; A0], B' = [B, -B0] (lora_alpha doubled too, keeping s), so that it applies to the
     original, unmodified base weights: W0 + s (B A - B0 A0) = W_res + s B A.
     """
     from safetensors.torch import save_file
 
     cfg = model.adapter_config
     if cfg["method"] not in ("lora", "pissa"):
-        raise ValueError(f"PEFT export covers lora and pissa; {cfg['method']} has no PEFT equivalent.")
+        raise InputError(f"PEFT export covers lora and pissa; {cfg['method']} has no PEFT equivalent.")
     pissa = cfg["method"] == "pissa"
     tensors = {}
     for name, a in adapters_of(model).items():
@@ -535,15 +639,15 @@ def export_peft(model, out_dir, base_model_name_or_path: str = ""):
         key = f"base_model.model.{_hf_name(name)}"
         tensors[key + ".lora_A.weight"] = A.detach().contiguous()
         tensors[key + ".lora_B.weight"] = B.detach().contiguous()
-    factor = 2 if pissa else 1
+    r = cfg["lora_rank"] * (2 if pissa else 1)
     peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-                   "r": cfg["lora_rank"] * factor, "lora_alpha": cfg["alpha"] * factor, "lora_dropout": cfg["dropout"],
+                   "r": r, "lora_alpha": cfg["alpha"] / cfg["rank"] * r, "lora_dropout": cfg["dropout"],
                    "target_modules": cfg["targets"], "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
                    "use_rslora": False, "use_dora": False, "modules_to_save": None}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "adapter_model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _atomic_write(out / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(peft_config, indent=2)))
+    atomic_write(out / "adapter_model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    atomic_write(out / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(peft_config, indent=2)))
 
 
 @torch.no_grad()
@@ -552,13 +656,10 @@ def merge_adapters(model, task_id: int | None = None):
     W <- W + s B diag(c) A. Routed methods cannot merge: their gate depends on each input."""
     for name, a in adapters_of(model).items():
         if isinstance(a, MoE):
-            raise ValueError("loramoe / badit gates depend on each input, so they cannot be merged into the weights.")
+            raise InputError("loramoe / badit gates depend on each input, so they cannot be merged into the weights.")
         if isinstance(a, CGC) and task_id is None:
-            raise ValueError("merging a cgc adapter needs task_id: its gate depends on the task.")
+            raise InputError("merging a cgc adapter needs task_id: its gate depends on the task.")
         c = a.task_coefficients(torch.tensor([task_id], device=a.A.device))[0] if isinstance(a, CGC) else 1.0
         W = a.base.weight
         W.data = (W.float() + a.scaling * (a.B * c) @ a.A).to(W.dtype)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, a.base)
-    model.adapter_config = None
-    return model
+    return remove_adapters(model)

@@ -12,11 +12,14 @@ deterministically, in the same format: `python data.py --export DIR` writes it t
 
 import argparse
 import json
+import math
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 # SPEC section 7, exactly; note the trailing space after "Output:".
 PROMPT = "{definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
@@ -26,6 +29,59 @@ CLASSROOM = "classroom"
 
 def format_prompt(definition: str, input: str) -> str:
     return PROMPT.format(definition=definition, input=input)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors the user can fix. Every module raises these for bad input; every command line prints them
+# as one paragraph (what, which file / flag / field, the fix) and exits 2, without a traceback.
+# Any other exception is a bug and keeps its traceback.
+
+
+class InputError(ValueError):
+    """Bad input: a flag, a file or a field. The message names it and says how to fix it."""
+
+
+class MissingFile(InputError, FileNotFoundError):
+    """A file or folder the user pointed at does not exist."""
+
+
+def number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: a finite int or float within bounds; argparse prints the flag's name with the error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or too_low or too_high:
+            bounds = " and ".join(b for b in (low is not None and f"{'>' if low_open else '>='} {low}",
+                                              high is not None and f"{'<' if high_open else '<='} {high}") if b)
+            raise argparse.ArgumentTypeError(f"{text} must be {bounds}")
+        return value
+    return parse
+
+
+positive_int = number(int, 1)
+
+
+def names(text):
+    """An argparse type: a comma-separated list of distinct, non-empty names."""
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or not all(items):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty name; give comma-separated names, e.g. a,b")
+    if len(set(items)) < len(items):
+        raise argparse.ArgumentTypeError(f"{text!r} names something twice")
+    return items
+
+
+def cli(main):
+    """Run a command-line main(): an InputError is printed as one paragraph, exit status 2."""
+    try:
+        return main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,11 +102,11 @@ def list_tasks(root) -> list[str]:
         return list(CLASSROOM_TASKS)
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data root {root} does not exist: pass --data with a folder holding <task>/train.json "
+        raise MissingFile(f"data root {root} does not exist: pass --data with a folder holding <task>/train.json "
                                 f"etc. (SuperNI layout), or --data {CLASSROOM} for the embedded suite.")
     tasks = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not tasks:
-        raise FileNotFoundError(f"data root {root} has no task folders (expected <root>/<task>/train.json, dev.json, test.json).")
+        raise MissingFile(f"data root {root} has no task folders (expected <root>/<task>/train.json, dev.json, test.json).")
     return tasks
 
 
@@ -60,29 +116,38 @@ def read_task(root, task: str, split: str) -> Task:
         return classroom_task(task, split)
     file = Path(root) / task / f"{split}.json"
     if not (Path(root) / task).is_dir():
-        raise FileNotFoundError(f"task {task!r} not found in {root}; available: {', '.join(list_tasks(root))}.")
+        raise MissingFile(f"task {task!r} not found in {root}; available: {', '.join(list_tasks(root))}.")
     if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing: every task folder needs {', '.join(s + '.json' for s in SPLITS)}.")
+        raise MissingFile(f"{file} is missing: every task folder needs {', '.join(s + '.json' for s in SPLITS)}.")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{file}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save the file "
+                         f"as UTF-8.") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
+        raise InputError(f"{file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object with 'Definition' and 'Instances'.")
-    for key, kind in (("Definition", list), ("Instances", list)):
+        raise InputError(f"{file}: expected a JSON object with 'Definition' and 'Instances'.")
+    for key in ("Definition", "Instances"):
         if key not in data:
-            raise ValueError(f"{file}: field '{key}' is missing (natural-instructions format).")
-        if not isinstance(data[key], kind):
-            raise ValueError(f"{file}: field '{key}' must be a list.")
+            raise InputError(f"{file}: field '{key}' is missing (natural-instructions format).")
+        if not isinstance(data[key], list):
+            raise InputError(f"{file}: field '{key}' must be a list.")
+    if not all(isinstance(d, str) for d in data["Definition"]):
+        raise InputError(f"{file}: field 'Definition' must be a list of strings.")
     if not data["Instances"]:
-        raise ValueError(f"{file}: field 'Instances' is empty; the task has no {split} examples.")
+        raise InputError(f"{file}: field 'Instances' is empty; the task has no {split} examples.")
     for i, inst in enumerate(data["Instances"]):
+        if not isinstance(inst, dict):
+            raise InputError(f"{file}: Instances[{i}] must be an object with 'input' and 'output'.")
         for key in ("input", "output"):
             if key not in inst:
-                raise ValueError(f"{file}: Instances[{i}] has no field '{key}'.")
+                raise InputError(f"{file}: Instances[{i}] has no field '{key}'.")
+        if not isinstance(inst["input"], str):
+            raise InputError(f"{file}: Instances[{i}].input must be a string, not {type(inst['input']).__name__}.")
         outputs = inst["output"] if isinstance(inst["output"], list) else [inst["output"]]
         if not outputs or not all(isinstance(o, str) for o in outputs):
-            raise ValueError(f"{file}: Instances[{i}].output must be a non-empty list of strings.")
+            raise InputError(f"{file}: Instances[{i}].output must be a non-empty list of strings.")
         inst["output"] = outputs
         inst.setdefault("id", f"{task}-{split}-{i}")
     return Task(task, " ".join(data["Definition"]), data["Instances"], str(file))
@@ -123,7 +188,7 @@ def encode_prompt(tok, task: Task, input: str, budget: int) -> list[int]:
         return ids
     bare = len(tok.encode(format_prompt(task.definition, "")))
     if bare > budget:
-        raise ValueError(f"{task.source}: the 'Definition' and the prompt template take {bare} tokens, more than the "
+        raise InputError(f"{task.source}: the 'Definition' and the prompt template take {bare} tokens, more than the "
                          f"{budget} left of the maximum length after the answer; raise --max-len (the definition "
                          f"is never cut).")
     ends = [end for _, end in tok.offsets(input)]  # character end of each input token
@@ -155,11 +220,12 @@ def encode_examples(tok, tasks: list[Task], task_names: list[str], max_len=1024,
 # Batching
 
 
-def batch_order(examples: list[Example], batch_size: int, seed: int, epoch: int, group_by_length=True) -> list[list[int]]:
-    """Global batches of indices for one epoch, the same on every data-parallel rank.
+def batch_order(examples: list[Example], batch_size: int, seed: int, epoch: int, group_by_length=False) -> list[list[int]]:
+    """Global batches of indices for one epoch, the same on every data-parallel rank (SPEC section 8).
 
-    Shuffled with seed + epoch. Grouping by length sorts each window of 50 batches by length before
-    cutting it into batches (less padding), then shuffles the batches."""
+    Plain seeded shuffling (seed, epoch), so a batch mixes tasks as the reference's HF Trainer does.
+    Grouping by length, a speed option, sorts each window of 50 batches by length before cutting it
+    into batches (less padding) and then shuffles the batches: batches become nearly single-task."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(len(examples), generator=g).tolist()
     if group_by_length:
@@ -187,6 +253,15 @@ def collate(examples: list[Example], pad_id: int, device="cpu") -> dict:
         answer[b, split:] = 1
     task_ids = torch.tensor([e.task_id for e in examples])
     return {k: v.to(device) for k, v in dict(ids=ids, mask=mask, route=route, answer=answer, task_ids=task_ids).items()}
+
+
+def answer_loss(model, x, use_task_ids=False):
+    """Summed cross-entropy over the answer + EOS tokens of a collated batch (SPEC section 7), float32."""
+    predicts = x["answer"][:, 1:].bool()  # position t predicts token t + 1
+    at = torch.cat([predicts, torch.zeros_like(predicts[:, :1])], 1)
+    logits = model(x["ids"], x["mask"], route_mask=x["route"], task_ids=x["task_ids"] if use_task_ids else None,
+                   logits_at=at)  # (answer tokens, vocab): no logits where no loss is taken
+    return F.cross_entropy(logits.float(), x["ids"][:, 1:][predicts], reduction="sum")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,9 +310,9 @@ CLASSROOM_SIZES = {"train": 48, "dev": 8, "test": 16}
 
 def classroom_task(name: str, split: str) -> Task:
     if name not in CLASSROOM_TASKS:
-        raise ValueError(f"classroom suite has no task {name!r}; its tasks are {', '.join(CLASSROOM_TASKS)}.")
+        raise InputError(f"classroom suite has no task {name!r}; its tasks are {', '.join(CLASSROOM_TASKS)}.")
     if split not in CLASSROOM_SIZES:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}.")
+        raise InputError(f"split must be one of {', '.join(SPLITS)}, not {split!r}.")
     definition, make_input, answer = CLASSROOM_TASKS[name]
     # Paired tasks share a seed per split, so "sort_ascending" and "sort_descending" see the same inputs.
     pair = {"sort_descending": "sort_ascending", "reverse_words": "copy_words", "lowercase": "uppercase"}.get(name, name)
@@ -278,4 +353,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from badit import adapters_of, load_adapters
-from data import CLASSROOM, collate, encode_examples, list_tasks, load_tasks
-from model import generate, load_model, load_tokenizer
+from data import (CLASSROOM, InputError, MissingFile, answer_loss, cli, collate, encode_examples, list_tasks,
+                  load_tasks, names, number, positive_int)
+from model import generate, load_model, load_tokenizer, read_json
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
@@ -79,9 +80,13 @@ def continual_metrics(a, single=None) -> dict:
 
     AP = mean_i a[T][i]; Fgt = mean_{i<T} max_{j in [i, T-1]} a[j][i] - a[T][i];
     Bwt = mean_{i<T} a[T][i] - a[i][i]; Fwt = mean_i a[i][i] - mean_i b_i (needs the single-task scores b).
-    Indices are 1-based in SPEC; here the last row is a[-1].
+    Indices are 1-based in SPEC; here the last row is a[-1]. A partial matrix (a run still under way:
+    fewer rows than tasks) has no AP yet and is refused.
     """
     T = len(a)
+    if T == 0 or any(len(row) != T for row in a):
+        raise InputError(f"continual metrics need the full T x T score matrix; this one has {T} row(s) of "
+                         f"{len(a[0]) if a else 0} task(s): finish the run first (train.py --out RUN --resume).")
     out = {"AP": sum(a[-1]) / T}
     if T > 1:
         out["Fgt"] = sum(max(a[j][i] for j in range(i, T - 1)) - a[-1][i] for i in range(T - 1)) / (T - 1)
@@ -153,17 +158,18 @@ def markdown_table(runs: dict, note="") -> str:
 def read_config(run_dir) -> dict:
     file = Path(run_dir) / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing: pass a run directory written by train.py.")
-    return json.loads(file.read_text())
+        raise MissingFile(f"{file} is missing: pass a run directory written by train.py.")
+    return read_json(file, "the run's configuration is damaged")
 
 
 def load_run(run_dir=None, model_path=None, device=None, dtype=None):
-    """(model, tokenizer, adapter config or None): the base model plus the run's final adapter."""
+    """(model, tokenizer, adapter config or None): the base model plus the run's final adapter, in the
+    precision the run was trained in unless dtype says otherwise."""
     cfg = read_config(run_dir) if run_dir else {}
     path = model_path or cfg.get("model")
     if path is None:
-        raise ValueError("--base-only needs --model PATH.")
-    model = load_model(path, device=device, dtype=getattr(torch, dtype) if dtype else None)
+        raise InputError("--base-only needs --model PATH.")
+    model = load_model(path, device=device, dtype=dtype or cfg.get("dtype"))
     adapter = load_adapters(model, run_dir) if run_dir else None
     return model, load_tokenizer(path), adapter
 
@@ -188,8 +194,6 @@ def task_batches(tok, data, tasks, batches, batch_size, max_len, device, seed=0)
 
 def task_gradients(model, per_task_batches, params, use_task_ids=False) -> dict:
     """task -> list of mean gradients (one per parameter in params) over that task's batches."""
-    from train import answer_loss  # train.py imports this module
-
     out = {}
     for task, batches in tqdm(per_task_batches.items(), desc="task gradients", unit="task"):
         grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -212,16 +216,17 @@ def conflict_matrix(grads: dict):
 
 
 def coactivation_histogram(grads: dict, block=32, top=0.10):
-    """Per task: squared gradient of each weight, 32x32 average-pooled, top 10 % blocks marked;
-    returns counts[c] = number of blocks marked by exactly c tasks (c = 0..T)."""
+    """Per task: squared gradient of each weight, 32x32 average-pooled, the top 10 % blocks of each weight
+    matrix marked (SPEC section 8: per matrix, so that layers with larger gradients do not take every
+    mark); returns counts[c] = number of blocks marked by exactly c tasks (c = 0..T)."""
     T = len(grads)
-    marks = None
+    marks = 0
     for g in grads.values():
-        m = torch.cat([F.avg_pool2d(w.pow(2)[None, None], block, ceil_mode=True).flatten() for w in g])
-        k = max(1, int(top * m.numel()))
-        mark = torch.zeros_like(m, dtype=torch.long)
-        mark[m.topk(k).indices] = 1
-        marks = mark if marks is None else marks + mark
+        mark = []
+        for w in g:
+            m = F.avg_pool2d(w.float().pow(2)[None, None], block, ceil_mode=True).flatten()
+            mark.append(torch.zeros_like(m, dtype=torch.long).scatter(0, m.topk(max(1, int(top * m.numel()))).indices, 1))
+        marks = marks + torch.cat(mark)
     return torch.bincount(marks, minlength=T + 1).tolist()
 
 
@@ -256,10 +261,10 @@ def maybe_plot(out_base: Path, draw):
 def cmd_evaluate(args):
     cfg = read_config(args.run_dir) if args.run_dir else {}
     if not args.run_dir and not args.base_only:
-        raise SystemExit("eval.py evaluate: give a RUN_DIR, or --base-only --model PATH.")
+        raise InputError("eval.py evaluate: give a RUN_DIR, or --base-only --model PATH.")
     model, tok, adapter = load_run(None if args.base_only else args.run_dir, args.model or cfg.get("model"), args.device, args.dtype)
     data = args.data or cfg.get("data", CLASSROOM)
-    tasks = args.tasks.split(",") if args.tasks else cfg.get("tasks") or list_tasks(data)
+    tasks = args.tasks or cfg.get("tasks") or list_tasks(data)
     use_ids = bool(adapter) and adapter["method"] == "cgc"
     examples = test_examples(tok, data, tasks, args.split, args.limit, args.max_len or cfg.get("max_len", 1024),
                              cfg.get("max_answer_len", 50), all_tasks=cfg.get("tasks"))
@@ -276,7 +281,7 @@ def run_metrics(run_dir) -> dict:
     for name in ("metrics_test.json", "metrics.json"):
         if (Path(run_dir) / name).is_file():
             return json.loads((Path(run_dir) / name).read_text())
-    raise FileNotFoundError(f"{run_dir} has no metrics_test.json: run `python eval.py evaluate {run_dir}` first.")
+    raise MissingFile(f"{run_dir} has no metrics_test.json: run `python eval.py evaluate {run_dir}` first.")
 
 
 def cmd_compare(args):
@@ -298,7 +303,7 @@ def cmd_compare(args):
 def cmd_continual(args):
     file = Path(args.run_dir) / "continual.json"
     if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing: train with --setting continual.")
+        raise MissingFile(f"{file} is missing: train with --setting continual.")
     c = json.loads(file.read_text())
     order, a = c["order"], c["rougeL"]
     single = None
@@ -319,7 +324,7 @@ def cmd_angles(args):
     log = Path(args.run_dir) / "log.jsonl"
     entries = [json.loads(line) for line in log.read_text().splitlines() if '"regroup"' in line]
     if not entries:
-        raise SystemExit(f"{log} has no regroup entries (only method badit regroups).")
+        raise InputError(f"{log} has no regroup entries (only method badit regroups).")
     keys = ["intra_before", "intra_after", "inter_before", "inter_after", "objective", "moved"]
     rows = [["epoch", "step"] + keys] + [[e["epoch"], e["step"]] + [e["regroup"][k] for k in keys] for e in entries]
     md = ["| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
@@ -390,12 +395,12 @@ def main(argv=None):
     e.add_argument("--base-only", action="store_true", help="evaluate the base model without any adapter")
     e.add_argument("--model", help="checkpoint folder (default: the run's)")
     e.add_argument("--data", help=f"SuperNI root or '{CLASSROOM}' (default: the run's)")
-    e.add_argument("--tasks", help="comma-separated task names (default: the run's, or all)")
+    e.add_argument("--tasks", type=names, help="comma-separated task names (default: the run's, or all)")
     e.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    e.add_argument("--limit", type=int, help="first N instances per task")
-    e.add_argument("--max-len", type=int, help="maximum prompt + answer tokens (default: the run's)")
-    e.add_argument("--max-new-tokens", type=int, default=50, help="greedy decoding length (SPEC: 50)")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--limit", type=positive_int, help="first N instances per task")
+    e.add_argument("--max-len", type=number(int, 16), help="maximum prompt + answer tokens (default: the run's)")
+    e.add_argument("--max-new-tokens", type=positive_int, default=50, help="greedy decoding length (SPEC: 50)")
+    e.add_argument("--batch-size", type=positive_int, default=16)
     e.add_argument("--out", help="output folder (default: the run directory)")
 
     c = sub.add_parser("compare", help="per-task ROUGE-L of several runs side by side, with colla")
@@ -412,15 +417,16 @@ def main(argv=None):
     for name, text in (("conflict", "task-gradient cosine matrix"), ("coactivation", "co-activation histogram")):
         s = sub.add_parser(name, help=text + " of a run's adapted model")
         s.add_argument("run_dir")
-        s.add_argument("--batches", type=int, default=4, help="training batches per task")
-        s.add_argument("--batch-size", type=int, default=4)
+        s.add_argument("--batches", type=positive_int, default=4, help="training batches per task")
+        s.add_argument("--batch-size", type=positive_int, default=4)
     for s in (e, sub.choices["conflict"], sub.choices["coactivation"]):
         s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-        s.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
+        s.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the run's (bfloat16 where the "
+                       "device has native bf16, else float32)")
     args = p.parse_args(argv)
     {"evaluate": cmd_evaluate, "compare": cmd_compare, "continual": cmd_continual, "angles": cmd_angles,
      "conflict": cmd_conflict, "coactivation": cmd_coactivation}[args.command](args)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

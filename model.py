@@ -7,7 +7,7 @@ tensor `model.layers.3.mlp.gate_proj.weight` is our `layers.3.mlp.gate_proj.weig
 target the same names PEFT users know (`gate_proj`).
 
 Public API:
-    load_model(path, device=None, dtype=None) -> Transformer
+    load_model(path, device=None, dtype=None) -> Transformer      path: a folder or a hub id (org/name)
     load_tokenizer(path) -> Tokenizer
     model(input_ids, attention_mask=None) -> logits (B, L, vocab)
     generate(model, input_ids, attention_mask=None, max_new_tokens=50, eos_token_id=None) -> ids
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from data import InputError, MissingFile, cli, format_prompt
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 
@@ -68,14 +72,14 @@ class ModelArgs:
         """Translate a Hugging Face config.json (old `rope_scaling` or new `rope_parameters`)."""
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise InputError(
                 f"{source}: model_type {model_type!r} is not supported; "
                 f"supported types: {', '.join(SUPPORTED_MODEL_TYPES)}."
             )
 
         def need(key):
             if key not in cfg:
-                raise ValueError(f"{source}: field {key!r} is missing; it is needed for a {model_type} model.")
+                raise InputError(f"{source}: field {key!r} is missing; it is needed for a {model_type} model.")
             return cfg[key]
 
         dim, n_heads, n_layers = need("hidden_size"), need("num_attention_heads"), need("num_hidden_layers")
@@ -84,7 +88,7 @@ class ModelArgs:
         rope.update(cfg.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default, linear, llama3).")
+            raise InputError(f"{source}: rope type {rope_type!r} is not supported (default, linear, llama3).")
         rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
 
         sliding_window = cfg.get("sliding_window")
@@ -264,7 +268,7 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         if args.activation not in ("silu", "gelu_pytorch_tanh"):
-            raise ValueError(f"config.json: activation {args.activation!r} is not supported (silu, gelu_pytorch_tanh).")
+            raise InputError(f"config.json: activation {args.activation!r} is not supported (silu, gelu_pytorch_tanh).")
         self.gelu = args.activation == "gelu_pytorch_tanh"
         self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
@@ -340,10 +344,17 @@ class Transformer(nn.Module):
 
         attention_mask (B, past + L): 1 on real tokens, 0 on left padding, covering the cached
         positions too when decoding. route_mask (B, L): positions the adapters' routers average
-        over (the prompt; default: every real token). task_ids (B,): for CGC-LoRA. logits_at (B, L)
-        bool: the loss needs logits on answer tokens only and generation on the last token only,
-        and the vocabulary projection is the largest matmul of a small model.
+        over (the prompt; default: every real token). task_ids (B,): an index per sequence for the
+        adapters (CGC-LoRA's task). logits_at (B, L) bool: the loss needs logits on answer tokens only
+        and generation on the last token only, and the vocabulary projection is the largest matmul
+        of a small model. With bfloat16 weights the forward runs under autocast (SPEC section 8):
+        matmuls in bf16, float32 where autocast keeps it, float32 adapter parameters cast per matmul.
         """
+        bf16 = self.lm_head.weight.dtype == torch.bfloat16
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return self._forward(input_ids, attention_mask, route_mask, task_ids, cache, logits_at)
+
+    def _forward(self, input_ids, attention_mask, route_mask, task_ids, cache, logits_at):
         B, L = input_ids.shape
         past = cache.length if cache is not None else 0
         if attention_mask is None:
@@ -415,34 +426,69 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=50, eos_token
 # Loading checkpoints
 
 
-def _read_json(file: Path) -> dict:
+def read_json(file, fix="re-download the checkpoint or fix the file"):
+    """A JSON file we or Hugging Face wrote; a damaged one is an InputError that names it and says `fix`."""
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e}); re-download the checkpoint or fix the file.") from None
+        return json.loads(Path(file).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{file}: not valid JSON ({e}); {fix}.") from None
 
 
-def _checkpoint_dir(path) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"model folder {path} does not exist: pass a Hugging Face checkpoint folder (config.json, "
-            f"*.safetensors, tokenizer.json), or run `python scripts/prepare_smollm2.py` for the demo model."
-        )
-    return path
+def read_safetensors(file, fix="re-download the checkpoint", device="cpu") -> dict:
+    """All tensors of a safetensors file; a truncated or damaged one is an InputError that names it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{file}: cannot be read as safetensors ({e}): the file is incomplete or damaged; {fix}.") from None
+
+
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "*.safetensors",
+             "model.safetensors.index.json"]
+
+
+def checkpoint_dir(path) -> Path:
+    """A checkpoint folder: a local path, or a Hugging Face hub id (org/name) that is not a local folder,
+    whose config, tokenizer and safetensors files are downloaded into the standard HF cache."""
+    if Path(path).is_dir():
+        return Path(path)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not str(path).startswith("."):
+        return _hub_snapshot(str(path))
+    raise MissingFile(
+        f"model folder {path} does not exist: pass a Hugging Face checkpoint folder (config.json, *.safetensors, "
+        f"tokenizer.json), a hub id such as Qwen/Qwen3-0.6B, or run `python scripts/prepare_smollm2.py` for the demo model."
+    )
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))  # with the hub's progress bars
+    except LocalEntryNotFoundError:
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        raise MissingFile(f"{repo_id} is not a local folder and is not in the Hugging Face cache {constants.HF_HUB_CACHE}, "
+                          f"and the hub cannot be reached{offline}: download it on a machine with internet access "
+                          f"(or unset HF_HUB_OFFLINE), or pass a local checkpoint folder.") from None
+    except HfHubHTTPError as e:
+        raise MissingFile(f"{repo_id} is not a local folder, and the Hugging Face hub refused it ({str(e).splitlines()[0]}): "
+                          f"check the id, or log in (`hf auth login`) for a gated model.") from None
 
 
 def read_model_args(path) -> ModelArgs:
-    file = _checkpoint_dir(path) / "config.json"
+    file = checkpoint_dir(path) / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing: a checkpoint folder needs the config.json it was saved with.")
-    return ModelArgs.from_hf_config(_read_json(file), str(file))
+        raise MissingFile(f"{file} is missing: a checkpoint folder needs the config.json it was saved with.")
+    return ModelArgs.from_hf_config(read_json(file), str(file))
 
 
 def _checkpoint_tensors(path: Path):
     """Yield (file, name, tensor) one at a time, so that only one tensor is in flight."""
     if (path / "model.safetensors.index.json").is_file():
-        weight_map = _read_json(path / "model.safetensors.index.json")["weight_map"]
+        weight_map = read_json(path / "model.safetensors.index.json")["weight_map"]
         files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
@@ -453,27 +499,76 @@ def _checkpoint_tensors(path: Path):
             yield file, name, state.pop(name)
         return
     else:
-        raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin.")
-    from safetensors import safe_open
+        raise MissingFile(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin.")
+    from safetensors import SafetensorError, safe_open
 
     for name in files:
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} is missing (listed in model.safetensors.index.json).")
-        with safe_open(path / name, framework="pt") as f:
+            raise MissingFile(f"{path / name} is missing (listed in model.safetensors.index.json).")
+        try:
+            f = safe_open(path / name, framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{path / name}: cannot be read as safetensors ({e}): the file is incomplete or damaged; "
+                             f"re-download the checkpoint.") from None
+        with f:
             for key in f.keys():
                 yield path / name, key, f.get_tensor(key)
+
+
+def resolve_device(name=None) -> torch.device:
+    """--device: cpu, cuda or cuda:N (default: cuda when available), checked before any work starts."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available (torch {torch.__version__}); use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name}: only cpu and cuda are supported.")
+    return device
+
+
+def native_bf16(device: torch.device) -> str | None:
+    """What gives this device native bf16 matrix instructions, as torch reports it, or None (then bf16
+    is emulated and slower than float32). Never guessed from a CPU's model name."""
+    if device.type == "cuda":
+        return "CUDA" if torch.cuda.is_bf16_supported() else None
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    if platform.machine().lower() in ("arm64", "aarch64") and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "Arm BF16"  # oneDNN's check is native on Arm; on x86 it also accepts AVX512 without BF16
+    return None
+
+
+def choose_dtype(device: torch.device, requested: str | None = None) -> tuple[str, str]:
+    """SPEC section 8's precision: (dtype name, why). bfloat16 weights + autocast where the device has
+    native bf16 matrix instructions, float32 elsewhere; requested ("float32" / "bfloat16") wins."""
+    native = native_bf16(device)
+    if requested:
+        note = "" if requested == "float32" or native else " (emulated on this CPU: slower than float32)"
+        return requested, f"{'bf16' if requested == 'bfloat16' else 'float32'}: requested with --dtype{note}"
+    if native:
+        return "bfloat16", f"bf16: native on this {'GPU' if device.type == 'cuda' else 'CPU'} ({native}); --dtype float32 to change"
+    return "float32", f"float32: no native bf16 on this {device.type.upper()}; --dtype bfloat16 to change"
 
 
 def load_model(path, device=None, dtype=None) -> Transformer:
     """Build the model on the meta device, then put each checkpoint tensor in place in turn.
 
-    device: default CUDA when available; dtype (torch.dtype or name): float32 on CPU, bfloat16 on CUDA.
+    device: default CUDA when available; dtype (torch.dtype or name): default choose_dtype's, bfloat16
+    where the device has native bf16 (the forward then runs under autocast), float32 elsewhere.
     """
-    path = _checkpoint_dir(path)
+    path = checkpoint_dir(path)
     args = read_model_args(path)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = resolve_device(device)
+    dtype = getattr(torch, dtype or choose_dtype(device)[0]) if not isinstance(dtype, torch.dtype) else dtype
     with torch.device("meta"):
         model = Transformer(args)
     expected = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens
@@ -483,9 +578,9 @@ def load_model(path, device=None, dtype=None) -> Transformer:
         if name.endswith("rotary_emb.inv_freq") or (args.tie_embeddings and name == "lm_head.weight"):
             continue  # derived from the config (old Llama checkpoints store it) / tied to the embeddings
         if name not in expected:
-            raise ValueError(f"{file}: unexpected tensor {key!r}: a {args.model_type} model with this config.json has no such weight.")
+            raise InputError(f"{file}: unexpected tensor {key!r}: a {args.model_type} model with this config.json has no such weight.")
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(
+            raise InputError(
                 f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but config.json implies "
                 f"{tuple(expected[name].shape)}; do config.json and the weights come from the same checkpoint?"
             )
@@ -496,7 +591,7 @@ def load_model(path, device=None, dtype=None) -> Transformer:
     missing = sorted(set(expected) - loaded)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise ValueError(f"{path}: the checkpoint lacks tensors {', '.join(missing[:5])}{more}.")
+        raise InputError(f"{path}: the checkpoint lacks tensors {', '.join(missing[:5])}{more}.")
     if args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_frequencies(args).to(device)  # was built on the meta device
@@ -519,15 +614,15 @@ class Tokenizer:
     def __init__(self, path):
         from tokenizers import Tokenizer as HFTokenizer
 
-        path = _checkpoint_dir(path)
+        path = checkpoint_dir(path)
         file = path / "tokenizer.json"
         if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing: badit reads the fast-tokenizer file tokenizer.json that HF checkpoints ship.")
+            raise MissingFile(f"{file} is missing: badit reads the fast-tokenizer file tokenizer.json that HF checkpoints ship.")
         try:
             self.tk = HFTokenizer.from_file(str(file))
         except Exception as e:
-            raise ValueError(f"{file}: cannot be read by the tokenizers package ({e}).") from None
-        optional = lambda name: _read_json(path / name) if (path / name).is_file() else {}  # noqa: E731
+            raise InputError(f"{file}: cannot be read by the tokenizers package ({e}).") from None
+        optional = lambda name: read_json(path / name) if (path / name).is_file() else {}  # noqa: E731
         tok_cfg, gen_cfg, cfg = optional("tokenizer_config.json"), optional("generation_config.json"), optional("config.json")
 
         def token_id(key):  # tokenizer_config.json names the token; the configs give ids
@@ -541,12 +636,16 @@ class Tokenizer:
         self.bos_token_id = token_id("bos_token")
         self.eos_token_id = token_id("eos_token")
         if self.eos_token_id is None:
-            raise ValueError(f"{path}: no EOS token in tokenizer_config.json, generation_config.json or config.json.")
+            raise InputError(f"{path}: no EOS token in tokenizer_config.json, generation_config.json or config.json.")
         pad = token_id("pad_token")
         self.pad_token_id = self.eos_token_id if pad is None else pad
         gen_eos = gen_cfg.get("eos_token_id", cfg.get("eos_token_id"))
         gen_eos = gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
         self.stop_token_ids = list(dict.fromkeys([self.eos_token_id, *gen_eos]))
+        if cfg.get("vocab_size") and self.tk.get_vocab_size(with_added_tokens=True) > cfg["vocab_size"]:
+            raise InputError(f"{file} has {self.tk.get_vocab_size(with_added_tokens=True)} tokens, more than the "
+                             f"vocab_size {cfg['vocab_size']} of {path / 'config.json'}: the tokenizer does not belong "
+                             f"to this checkpoint; use the tokenizer it was trained with.")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tk.encode(text, add_special_tokens=add_special_tokens).ids  # BOS where the post-processor adds it
@@ -570,8 +669,6 @@ def load_tokenizer(path) -> Tokenizer:
 def main():
     import argparse
 
-    from data import format_prompt
-
     example = format_prompt(
         "In this task, you are given a movie review. Classify its sentiment as \"positive\" or \"negative\".",
         "The plot was thin, but the acting was wonderful and I left the cinema smiling.",
@@ -582,6 +679,8 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     args = p.parse_args()
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1.")
     model, tok = load_model(args.model, device=args.device), load_tokenizer(args.model)
     ids = torch.tensor([tok.encode(args.prompt)], device=model.lm_head.weight.device)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, eos_token_id=tok.stop_token_ids, pad_token_id=tok.pad_token_id)
@@ -589,4 +688,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

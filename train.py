@@ -2,25 +2,34 @@
 
     python train.py                                   # the main job: BADIT on the demo model, classroom suite
     python train.py --model PATH --data ../shared/data/superni --method lora --max-len 1024
+    python train.py --model Qwen/Qwen3-0.6B ...       # a Hugging Face hub id: downloaded into the HF cache
     torchrun --nproc_per_node 2 train.py ...          # data parallel (gloo on CPU, nccl on GPU)
     python train.py --out runs/x --resume             # continue runs/x exactly where it stopped
 
 A run directory holds config.json (the full configuration), log.jsonl (one line per optimizer step
-and per regroup), checkpoint/ (adapter, optimizer, scheduler, RNG and position, rewritten atomically
-every epoch and on Ctrl-C), the final adapter (adapter.safetensors + adapter_config.json, for
-eval.py) and the evaluation before and after training (metrics_before.*, metrics_test.*).
+and per regroup), checkpoint/ (adapter, optimizer, scheduler, every rank's RNG and the position,
+replaced as a whole every epoch and on Ctrl-C), the final adapter (adapter.safetensors +
+adapter_config.json, for eval.py) and the evaluation before and after training (metrics_before.*,
+metrics_test.*). A run directory that holds a run is continued with --resume or replaced with
+--overwrite, never silently; one process at a time may use it.
 
 Settings (SPEC section 8): mtl trains one adapter on all tasks mixed; continual trains on the tasks
 one after another in a seeded order (optimizer and schedule restarted per task, every test set
 evaluated after each task, the matrix in continual.json); single trains one adapter per task in
 <out>/<task>/, the baselines of `colla` and Fwt.
+
+Precision: bf16 weights and autocast where the device has native bf16 (CUDA, or a CPU with
+AVX512-BF16 or AMX), float32 elsewhere; adapters, optimizer, router and loss are float32 always.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import platform
 import random
+import shutil
 import signal
 import sys
 import time
@@ -29,15 +38,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from badit import (METHODS, _atomic_write, accumulate_regroup_signal, add_adapters, load_adapter_state, regroup,
-                   routed_adapters, save_adapters)
-from data import CLASSROOM, batch_order, collate, encode_examples, list_tasks, load_tasks
-from eval import continual_metrics, evaluate, markdown_table, test_examples
-from model import load_model, load_tokenizer
+from badit import (METHODS, accumulate_regroup_signal, add_adapters, atomic_write, load_adapters, regroup,
+                   reset_regroup_signal, routed_adapters, save_adapters)
+from data import (CLASSROOM, InputError, answer_loss, batch_order, cli, collate, encode_examples, list_tasks,
+                  load_tasks, names, number, positive_int)
+from eval import continual_metrics, evaluate, markdown_table
+from model import choose_dtype, load_model, load_tokenizer, read_json, read_model_args, read_safetensors, resolve_device
 
 ROOT = Path(__file__).resolve().parent
 DEMO_MODEL = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
@@ -48,82 +57,107 @@ RECIPES = {
     "paper": dict(lr=2e-4, epochs=10, batch_size=8, max_len=1024),
     "classroom": dict(lr=1e-3, epochs=4, batch_size=8, max_len=256),
 }
+RESUMABLE_FLAGS = ("--out", "--resume", "--device")  # what --resume may be given; the rest is the saved config
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=str(DEMO_MODEL), help="Hugging Face checkpoint folder (default: the demo model, "
-                   "prepared automatically)")
+    g.add_argument("--model", default=str(DEMO_MODEL), help="Hugging Face checkpoint folder, or a hub id such as "
+                   "Qwen/Qwen3-0.6B (default: the demo model, prepared automatically)")
     g.add_argument("--data", default=CLASSROOM, help=f"SuperNI root (<root>/<task>/train.json ...) or '{CLASSROOM}' for "
                    "the embedded suite (default)")
-    g.add_argument("--tasks", help="comma-separated task names (default: every task of --data)")
-    g.add_argument("--limit", type=int, help="first N training instances per task (default: all)")
-    g.add_argument("--eval-limit", type=int, help="first N test instances per task (default: all)")
-    g.add_argument("--max-len", type=int, help="maximum prompt + answer tokens; the input is shortened to fit "
-                   "(default: 1024, classroom 256)")
-    g.add_argument("--max-answer-len", type=int, default=50, help="answers are cut to this many tokens (SPEC: 50)")
+    g.add_argument("--tasks", type=names, help="comma-separated task names (default: every task of --data)")
+    g.add_argument("--limit", type=positive_int, help="first N training instances per task (default: all)")
+    g.add_argument("--eval-limit", type=positive_int, help="first N test instances per task (default: all)")
+    g.add_argument("--max-len", type=number(int, 16), help="maximum prompt + answer tokens; the input is shortened "
+                   "to fit (default: 1024, classroom 256)")
+    g.add_argument("--max-answer-len", type=positive_int, default=50, help="answers are cut to this many tokens (SPEC: 50)")
 
     g = p.add_argument_group("method (SPEC sections 2-6)")
     g.add_argument("--method", default="badit", choices=METHODS, help="the adapter to train (default: %(default)s)")
-    g.add_argument("--targets", default="gate_proj", help="comma-separated linear layer names to adapt (default: %(default)s)")
-    g.add_argument("--num-experts", type=int, default=6, help="K experts of loramoe and badit (default: %(default)s)")
-    g.add_argument("--rank", type=int, default=4, help="r, the rank of each expert (default: %(default)s)")
-    g.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha; the scaling is alpha / r (default: %(default)s)")
-    g.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapter input (default: %(default)s)")
-    g.add_argument("--lora-rank", type=int, help="rank of lora / pissa (default: K x r, BADIT's total rank)")
-    g.add_argument("--top-k", type=int, help="keep only the k largest gates (default: dense)")
-    g.add_argument("--common-experts", type=int, default=4, help="cgc: Kc experts shared by all tasks (default: %(default)s)")
-    g.add_argument("--task-experts", type=int, default=2, help="cgc: Ks experts of each task (default: %(default)s)")
+    g.add_argument("--targets", type=names, default=["gate_proj"], help="comma-separated linear layer names to adapt "
+                   "(default: gate_proj)")
+    g.add_argument("--num-experts", type=positive_int, default=6, help="K experts of loramoe and badit (default: %(default)s)")
+    g.add_argument("--rank", type=positive_int, default=4, help="r, the rank of each expert (default: %(default)s)")
+    g.add_argument("--alpha", type=number(float, 0, low_open=True), default=32.0, help="LoRA alpha; every method "
+                   "scales each rank-1 component by alpha / r, lora and pissa included (default: %(default)s)")
+    g.add_argument("--dropout", type=number(float, 0, 1, high_open=True), default=0.05,
+                   help="dropout on the adapter input (default: %(default)s)")
+    g.add_argument("--lora-rank", type=positive_int, help="rank of lora / pissa (default: K x r, BADIT's total rank)")
+    g.add_argument("--top-k", type=positive_int, help="loramoe only: keep the k largest gates (default: dense)")
+    g.add_argument("--common-experts", type=number(int, 0), default=4, help="cgc: Kc experts shared by all tasks "
+                   "(default: %(default)s)")
+    g.add_argument("--task-experts", type=number(int, 0), default=2, help="cgc: Ks experts of each task (default: %(default)s)")
 
     g = p.add_argument_group("regrouping (badit only, SPEC section 5)")
-    g.add_argument("--regroup-every", type=int, help="regroup every N optimizer steps instead of at the end of "
-                   "each epoch in the first half of training")
-    g.add_argument("--regroup-until", type=float, default=0.5, help="with --regroup-every: stop regrouping after "
-                   "this fraction of training (default 0.5)")
+    g.add_argument("--regroup-every", type=positive_int, help="regroup every N optimizer steps instead of at the end "
+                   "of each epoch in the first half of training")
+    g.add_argument("--regroup-until", type=number(float, 0, 1, low_open=True), default=0.5, help="with "
+                   "--regroup-every: stop regrouping after this fraction of training (default 0.5)")
     g.add_argument("--regroup-signal", default="accumulated", choices=["accumulated", "last"],
                    help="gradients summed since the last regroup (default), or the last step's only (the reference code)")
 
     g = p.add_argument_group("optimisation (SPEC section 8)")
     g.add_argument("--setting", default="mtl", choices=["mtl", "continual", "single"], help="see above (default: %(default)s)")
-    g.add_argument("--epochs", type=int, help="default: 10, classroom 4")
-    g.add_argument("--lr", type=float, help="AdamW learning rate (default: 2e-4, classroom 1e-3)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, help="global batch per optimizer step, over all ranks and "
+    g.add_argument("--epochs", type=positive_int, help="default: 10, classroom 4")
+    g.add_argument("--lr", type=number(float, 0, low_open=True), help="AdamW learning rate (default: 2e-4, classroom 1e-3)")
+    g.add_argument("--weight-decay", type=number(float, 0), default=0.0, help="AdamW weight decay (default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, help="global batch per optimizer step, over all ranks and "
                    "accumulation steps (default: 8)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank, to fit memory (default: %(default)s)")
-    g.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the cosine schedule (default: %(default)s)")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (default: %(default)s)")
-    g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
-                   help="plain shuffled batches (default: batches of similar length, less padding)")
+    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step on each rank, "
+                   "to fit memory (default: %(default)s)")
+    g.add_argument("--warmup", type=number(float, 0, 1, high_open=True), default=0.03,
+                   help="warm-up fraction of the cosine schedule (default: %(default)s)")
+    g.add_argument("--clip", type=number(float, 0, low_open=True), default=1.0, help="gradient-norm clipping (default: %(default)s)")
+    g.add_argument("--group-by-length", action="store_true", help="batches of similar length: less padding, faster, "
+                   "but nearly single-task batches (default: plain seeded shuffling, SPEC section 8)")
 
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, shuffling, answer choice, k-means, continual order")
-    g.add_argument("--device", help="cpu or cuda (default: cuda when available; under torchrun, cuda:LOCAL_RANK)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="base weights (default: float32 on CPU, bfloat16 "
-                   "with autocast on CUDA); adapters are always float32")
+    g.add_argument("--seed", type=number(int, 0), default=0, help="seeds initialisation, shuffling, answer choice, "
+                   "k-means, continual order (default: %(default)s)")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available; under torchrun, cuda:LOCAL_RANK)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], help="base weights (default: bfloat16 with autocast where "
+                   "the device has native bf16, CUDA or a CPU with AVX512-BF16 / AMX; float32 elsewhere); adapters, "
+                   "optimizer, router and loss are float32 always")
     g.add_argument("--eval", default="both", choices=["both", "after", "none"], help="evaluate on the test sets before "
-                   "and after training, after only, or not at all")
-    g.add_argument("--eval-batch-size", type=int, default=16, help="prompts per generation batch (default: %(default)s)")
-    g.add_argument("--max-new-tokens", type=int, default=50, help="greedy decoding length at evaluation (SPEC: 50)")
+                   "(the base model) and after training, after only, or not at all (default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=16, help="prompts per generation batch (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=50, help="greedy decoding length at evaluation (SPEC: 50)")
     g.add_argument("--out", help="run directory (default: runs/<method>-<setting>-<time>)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, with its "
-                   "saved config.json (other flags are ignored)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint with its saved "
+                   "config.json (only --device may be given besides)")
+    g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
 
     if args.resume:
-        if not args.out:
-            p.error("--resume needs --out, the run directory to continue.")
+        if not args.out or args.overwrite:
+            p.error("--resume needs --out, the run directory to continue (and no --overwrite).")
+        extra = sorted({a.split("=")[0] for a in argv if a.startswith("--")} - set(RESUMABLE_FLAGS))
+        if extra:
+            p.error(f"--resume continues the saved configuration of {args.out}; drop {', '.join(extra)} (or start a new run).")
         file = Path(args.out) / "config.json"
         if not file.is_file():
             p.error(f"{file} is missing: --out must be a run directory written by train.py.")
-        return argparse.Namespace(**{**json.loads(file.read_text()), "resume": True})
+        saved = read_json(file, "the run's configuration is damaged; start a new run")
+        return argparse.Namespace(**{**saved, "out": args.out, "device": args.device or saved.get("device"),
+                                     "resume": True, "overwrite": False})  # the run is where --out says, always
+    if args.top_k is not None and args.method != "loramoe":
+        p.error(f"--top-k is for loramoe only; {args.method} "
+                + ("has SVD experts, which top-k would not keep at the base function (SPEC section 4)."
+                   if args.method.startswith("badit") else "has no router."))
+    if args.top_k is not None and args.top_k > args.num_experts:
+        p.error(f"--top-k {args.top_k} must be at most --num-experts ({args.num_experts}).")
+    if args.method == "cgc" and args.common_experts + args.task_experts == 0:
+        p.error("cgc needs at least one expert: --common-experts + --task-experts must be at least 1.")
     recipe = RECIPES["classroom" if args.data == CLASSROOM else "paper"]
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.tasks = args.tasks.split(",") if args.tasks else list_tasks(args.data)
-    args.targets = args.targets.split(",")
+    if args.max_len <= args.max_answer_len:
+        p.error(f"--max-len {args.max_len} must exceed --max-answer-len {args.max_answer_len}: the prompt needs room.")
+    args.tasks = args.tasks or list_tasks(args.data)
     if args.out is None:
         args.out = str(ROOT / "runs" / f"{args.method}-{args.setting}-{time.strftime('%Y%m%d-%H%M%S')}")
     return args
@@ -137,13 +171,13 @@ def setup_distributed(args):
     """(rank, world size, device). Under torchrun: one process per device, gloo on CPU, nccl on GPU."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda and world > 1 else
-                          args.device or ("cuda" if cuda else "cpu"))
-    if cuda:
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        if world > 1:
+            device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))  # rank 0 evaluates alone
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))  # rank 0 evaluates alone
     return rank, world, device
 
 
@@ -158,6 +192,50 @@ def ensure_demo_model(path: str, rank: int, world: int):
             prepare_smollm2.main([])
         if world > 1:
             dist.barrier()
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on run_dir/.lock for the life of this process, so that a second train.py on
+    the same run directory is refused instead of interleaving two logs (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise InputError(f"{run_dir} is in use by another train.py ({f.read().strip() or 'pid unknown'}): wait for it "
+                         f"to finish or stop it, or choose another --out.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {platform.node()}")
+    f.flush()
+    return f  # the lock lives as long as this file object
+
+
+def claim_run_dir(args, rank: int):
+    """Rank 0 locks the run directory; a run already there is continued (--resume), replaced
+    (--overwrite) or refused; a folder with other contents is refused. -> the lock (keep it)."""
+    run_dir = Path(args.out)
+    if rank != 0:
+        return None
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--out {run_dir} is a file; choose a folder.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir)
+    holds_run = (run_dir / "config.json").is_file()
+    others = [p for p in run_dir.iterdir() if p.name != ".lock"]
+    if not args.resume and holds_run and not args.overwrite:
+        raise InputError(f"{run_dir} already holds a run: continue it with `python train.py --out {run_dir} --resume`, "
+                         f"replace it with --overwrite, or choose another --out.")
+    if not args.resume and others and not holds_run:
+        raise InputError(f"{run_dir} is not empty and holds no run; choose another --out.")
+    if args.overwrite:
+        for p in others:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return lock
 
 
 def cosine_with_warmup(step: int, total: int, warmup: float) -> float:
@@ -178,32 +256,61 @@ def regroup_due(args, epoch: int, step: int, steps_per_epoch: int, end_of_epoch:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: safetensors for tensors, JSON for the rest, never pickle
+# Checkpoints: safetensors for tensors, JSON for the rest, never pickle. A checkpoint is written to
+# checkpoint.new/ and then renamed over checkpoint/ (the old one goes to checkpoint.old/ for the
+# instant between the two renames), so a failed write leaves the previous checkpoint whole.
+
+DAMAGED = "the checkpoint is damaged; restore the run directory from a copy, or start again with --overwrite"
 
 
-def save_checkpoint(model, optimizer, scheduler, position: dict, ckpt_dir: Path):
-    """Adapter + optimizer state + signal accumulators + RNG -> ckpt_dir, each file replaced atomically."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    save_adapters(model, ckpt_dir)
-    opt = optimizer.state_dict()
-    tensors = {f"optimizer.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
-    for name, a in routed_adapters(model).items():
-        if hasattr(a, "signal_sum"):
-            tensors[f"signal.{name}.sum"], tensors[f"signal.{name}.last"] = a.signal_sum, a.signal_last
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    state = {**position, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict()}
-    _atomic_write(ckpt_dir / "trainer.safetensors", lambda f: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, f))
-    _atomic_write(ckpt_dir / "trainer.json", lambda f: Path(f).write_text(json.dumps(state, indent=1)))
+def checkpoint_folder(ckpt: Path) -> Path | None:
+    """The last complete checkpoint: ckpt, or ckpt.old after a crash between the two renames, or None."""
+    for folder in (ckpt, ckpt.with_name(ckpt.name + ".old")):
+        if (folder / "trainer.json").is_file():
+            return folder
+    return None
 
 
-def load_checkpoint(model, optimizer, scheduler, ckpt_dir: Path) -> dict:
-    """Restore what save_checkpoint wrote onto a model whose adapters are already added; -> position."""
-    state = json.loads((ckpt_dir / "trainer.json").read_text())
-    tensors = load_file(ckpt_dir / "trainer.safetensors")
+def save_checkpoint(model, optimizer, scheduler, position: dict, ckpt: Path, rank: int, world: int):
+    """Every rank's RNG state, and (rank 0) the adapter, optimizer, scheduler, regroup signal and position."""
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    ranks = [rng]
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, rng)
+    if rank == 0:
+        opt = optimizer.state_dict()
+        tensors = {f"optimizer.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
+        for name, a in routed_adapters(model).items():
+            if hasattr(a, "signal_sum"):
+                tensors[f"signal.{name}.sum"], tensors[f"signal.{name}.last"] = a.signal_sum, a.signal_last
+        tensors |= {f"rng.{kind}.{r}": state for r, states in enumerate(ranks) for kind, state in states.items()}
+        state = {**position, "world": world, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict()}
+        new, old = ckpt.with_name(ckpt.name + ".new"), ckpt.with_name(ckpt.name + ".old")
+        shutil.rmtree(new, ignore_errors=True)
+        try:
+            new.mkdir(parents=True)
+            save_adapters(model, new)
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, new / "trainer.safetensors")
+            (new / "trainer.json").write_text(json.dumps(state, indent=1))
+        except OSError as e:
+            shutil.rmtree(new, ignore_errors=True)
+            last = f"the previous checkpoint in {ckpt} is intact" if checkpoint_folder(ckpt) else "no checkpoint was written yet"
+            raise Stop(f"could not write the checkpoint ({e}); {last}: free disk space and continue with "
+                       f"`python train.py --out {ckpt.parent} --resume`.", exit_code=1) from None
+        if ckpt.exists():
+            ckpt.rename(old)
+        new.rename(ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(model, optimizer, scheduler, folder: Path, rank: int, seed: int) -> dict:
+    """Restore what save_checkpoint wrote (the adapter itself is loaded by attach_adapters); -> position."""
+    state = read_json(folder / "trainer.json", DAMAGED)
+    tensors = read_safetensors(folder / "trainer.safetensors", DAMAGED)
     device = model.lm_head.weight.device
-    load_adapter_state(model, ckpt_dir / "adapter.safetensors")
     opt_state = {}
     for key, v in tensors.items():
         if key.startswith("optimizer."):
@@ -216,23 +323,19 @@ def load_checkpoint(model, optimizer, scheduler, ckpt_dir: Path) -> dict:
         if f"signal.{name}.sum" in tensors:
             a.register_buffer("signal_sum", tensors[f"signal.{name}.sum"].to(device), persistent=False)
             a.register_buffer("signal_last", tensors[f"signal.{name}.last"].to(device), persistent=False)
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if f"rng.cpu.{rank}" in tensors:  # each rank continues its own dropout stream
+        torch.set_rng_state(tensors[f"rng.cpu.{rank}"])
+        if f"rng.cuda.{rank}" in tensors and device.type == "cuda":
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"])
+    else:
+        print(f"rank {rank}: {folder} was written by {state.get('world', '?')} process(es); this rank's dropout "
+              f"continues from a new seed, so the run will differ from an uninterrupted one.")
+        torch.manual_seed(seed + 1000 * (rank + 1) + state["step"])
     return state
 
 
 # ----------------------------------------------------------------------------------------------
 # The training loop
-
-
-def answer_loss(model, x, use_task_ids=False):
-    """Summed cross-entropy over the answer + EOS tokens of a collated batch (SPEC section 7)."""
-    predicts = x["answer"][:, 1:].bool()  # position t predicts token t + 1
-    at = torch.cat([predicts, torch.zeros_like(predicts[:, :1])], 1)
-    logits = model(x["ids"], x["mask"], route_mask=x["route"], task_ids=x["task_ids"] if use_task_ids else None,
-                   logits_at=at)  # (answer tokens, vocab): no logits where no loss is taken
-    return F.cross_entropy(logits.float(), x["ids"][:, 1:][predicts], reduction="sum")
 
 
 def backward_global_batch(model, mine, n_answer, args, device):
@@ -242,12 +345,10 @@ def backward_global_batch(model, mine, n_answer, args, device):
     the gradients over micro-batches and ranks gives the gradient of the global mean: one process with
     batch 8 and two processes with 4 each take the same step."""
     micro = max(1, math.ceil(len(mine) / args.grad_accum))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and args.dtype == "bfloat16")
     loss_sum, tokens = torch.zeros((), device=device), 0
     for s in range(0, len(mine), micro):
         x = collate(mine[s:s + micro], args.pad_token_id, device)
-        with autocast:
-            loss = answer_loss(model, x, args.method == "cgc")
+        loss = answer_loss(model, x, args.method == "cgc")
         (loss / n_answer).backward()
         loss_sum += loss.detach()
         tokens += int(x["mask"].sum())
@@ -268,15 +369,21 @@ def all_reduce_gradients(params):
 
 
 class Stop(Exception):
-    """Training must stop: Ctrl-C (a checkpoint was saved, exit code 130) or a non-finite loss (1)."""
+    """Training must stop: Ctrl-C (a checkpoint was saved, exit code 130), a non-finite loss or a failed
+    checkpoint write (1)."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
 
 
-def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, phase: int = 0, resume=False) -> None:
-    """Train the model's adapters on `examples` for args.epochs epochs; checkpoint in run_dir/checkpoint."""
+def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, phase: int = 0, resume=False,
+                keep_epochs=()) -> None:
+    """Train the model's adapters on `examples` for args.epochs epochs; checkpoint in run_dir/checkpoint.
+
+    A phase is one training run with its own optimizer and schedule: the whole of mtl, one task of
+    continual. keep_epochs: epoch numbers (1-based) whose end-of-epoch checkpoint is also kept as
+    run_dir/epoch_<e>/ (ELREA's gradient features read them)."""
     device = model.lm_head.weight.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -284,13 +391,18 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
     total = args.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, args.warmup))
     ckpt = run_dir / "checkpoint"
+    reset_regroup_signal(model)  # SPEC section 5: the signal starts afresh with each phase
     epoch, first_batch, step = 0, 0, 0
-    if resume and (ckpt / "trainer.json").is_file():
-        position = load_checkpoint(model, optimizer, scheduler, ckpt)
+    folder = checkpoint_folder(ckpt) if resume else None
+    if folder is not None:
+        position = load_checkpoint(model, optimizer, scheduler, folder, rank, args.seed)
         if position["phase"] == phase:
             epoch, first_batch, step = position["epoch"], position["batch"], position["step"]
             if rank == 0:
                 print(f"resuming {run_dir} at epoch {epoch + 1}, batch {first_batch}, step {step}")
+    elif resume and rank == 0 and (lost := logged_steps(run_dir / "log.jsonl", phase)):
+        print(f"no checkpoint in {ckpt} (the run stopped before its first epoch ended): the {lost} logged steps "
+              f"of this phase are discarded; it restarts at step 0.")
     if resume and rank == 0:
         trim_log(run_dir / "log.jsonl", phase, step)
     log = open(run_dir / "log.jsonl", "a") if rank == 0 else None
@@ -346,12 +458,15 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                 if regroup_due(args, epoch, step, steps_per_epoch, last):
                     do_regroup(model, optimizer, args, world, log, phase, epoch, step)
                 if stopping and not last:
-                    save_checkpoint_rank0(model, optimizer, scheduler, dict(phase=phase, epoch=epoch, batch=b + 1, step=step), ckpt, rank, world)
+                    save_checkpoint(model, optimizer, scheduler, dict(phase=phase, epoch=epoch, batch=b + 1, step=step), ckpt, rank, world)
                     raise Stop(f"interrupted: checkpoint saved in {ckpt}; continue with "
                                f"`python train.py --out {run_dir} --resume`.", exit_code=130)
             bar.close()
             epoch, first_batch = epoch + 1, 0
-            save_checkpoint_rank0(model, optimizer, scheduler, dict(phase=phase, epoch=epoch, batch=0, step=step), ckpt, rank, world)
+            save_checkpoint(model, optimizer, scheduler, dict(phase=phase, epoch=epoch, batch=0, step=step), ckpt, rank, world)
+            if epoch in keep_epochs and rank == 0:
+                shutil.rmtree(run_dir / f"epoch_{epoch}", ignore_errors=True)
+                shutil.copytree(ckpt, run_dir / f"epoch_{epoch}")
             if stopping:
                 raise Stop(f"interrupted after epoch {epoch}: checkpoint saved in {ckpt}; continue with "
                            f"`python train.py --out {run_dir} --resume`.", exit_code=130)
@@ -361,37 +476,43 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
             log.close()
 
 
+def logged_steps(file: Path, phase: int) -> int:
+    if not file.is_file():
+        return 0
+    return sum(1 for line in file.read_text().splitlines() if '"loss"' in line and json.loads(line)["phase"] == phase)
+
+
 def trim_log(file: Path, phase: int, step: int):
     """Drop log lines written after the checkpoint (a crash between checkpoints), so steps are not repeated."""
     if file.is_file():
         keep = [line for line in file.read_text().splitlines(keepends=True)
                 if (json.loads(line)["phase"], json.loads(line)["step"]) <= (phase, step)]
-        _atomic_write(file, lambda f: Path(f).write_text("".join(keep)))
-
-
-def save_checkpoint_rank0(model, optimizer, scheduler, position, ckpt, rank, world):
-    if rank == 0:
-        save_checkpoint(model, optimizer, scheduler, position, ckpt)
-    if world > 1:
-        dist.barrier()
+        atomic_write(file, lambda f: Path(f).write_text("".join(keep)))
 
 
 def do_regroup(model, optimizer, args, world, log, phase, epoch, step):
-    """Regroup (SPEC section 5) and check that every rank chose the same permutation."""
-    d = regroup(model, optimizer, signal=args.regroup_signal, seed=args.seed)
-    same = True
-    if world > 1:
-        perms = [None] * world
-        dist.all_gather_object(perms, d["permutations"])
-        same = all(p == perms[0] for p in perms)
-        if not same:
-            raise RuntimeError("regroup chose different permutations on different ranks; the gradients differ.")
-    summary = {k: d[k] for k in ("intra_before", "intra_after", "inter_before", "inter_after", "objective", "moved")}
+    """Regroup (SPEC section 5). Under torchrun every rank applies rank 0's permutation, so that a
+    nondeterministic kernel can never split the ranks; the log says whether their own results agreed."""
+    agreed = [True]
+
+    def rank0s_permutations(perms):  # {layer: (N,) permutation}, the same layers on every rank
+        layers = sorted(perms)
+        mine = torch.stack([perms[n] for n in layers])
+        chosen = mine.clone()
+        dist.broadcast(chosen, src=0)
+        same = torch.tensor(float(torch.equal(mine, chosen)), device=mine.device)
+        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        agreed[0] = bool(same.item())
+        return dict(zip(layers, chosen))
+
+    d = regroup(model, optimizer, signal=args.regroup_signal, seed=args.seed, sync=rank0s_permutations if world > 1 else None)
+    summary = {k: d[k] for k in ("intra_before", "intra_after", "inter_before", "inter_after", "objective", "moved", "moved_mean")}
     tqdm.write(f"regroup at step {step}: intra-expert angle {summary['intra_before']:.1f} -> {summary['intra_after']:.1f} deg, "
-               f"inter-expert {summary['inter_before']:.1f} -> {summary['inter_after']:.1f} deg, {summary['moved']} components moved")
+               f"inter-expert {summary['inter_before']:.1f} -> {summary['inter_after']:.1f} deg, {summary['moved']} components moved"
+               + ("" if agreed[0] else " (the ranks' own clusterings differed: rank 0's was applied everywhere)"))
     if log:
-        log.write(json.dumps(dict(phase=phase, epoch=epoch + 1, step=step, regroup=summary, same_on_all_ranks=same,
-                                  permutations=d["permutations"])) + "\n")
+        log.write(json.dumps(dict(phase=phase, epoch=epoch + 1, step=step, regroup=summary, moved_per_layer=d["per_layer"]["moved"],
+                                  same_on_all_ranks=agreed[0], permutations=d["permutations"])) + "\n")
         log.flush()
 
 
@@ -399,62 +520,52 @@ def do_regroup(model, optimizer, args, world, log, phase, epoch, step):
 # Settings
 
 
-def build_model(args, device):
-    dtype = getattr(torch, args.dtype)
-    model = load_model(args.model, device=device, dtype=dtype)
-    add_adapters(model, args.method, tuple(args.targets), args.num_experts, args.rank, args.alpha, args.dropout,
-                 args.lora_rank, args.top_k, len(args.tasks) if args.method == "cgc" else None,
-                 args.common_experts, args.task_experts)
+def init_seed(seed: int, task: str | None = None) -> int:
+    """The adapters' initialisation depends on (seed, task) only: the same on every rank, whatever ran
+    before or was resumed (a task of --setting single is seeded by its name)."""
+    return seed if task is None else int(hashlib.sha256(f"{seed}:{task}".encode()).hexdigest()[:12], 16)
+
+
+def attach_adapters(model, args, ckpt: Path | None = None, task: str | None = None, rank: int = 0):
+    """Fresh adapters seeded by (seed, task), or the checkpoint's when there is one (a resume): the
+    SVD methods' residual is then rebuilt from the saved A0, B0, as load_adapters does."""
+    folder = checkpoint_folder(ckpt) if ckpt is not None else None
+    if folder is not None:
+        load_adapters(model, folder)
+    else:
+        torch.manual_seed(init_seed(args.seed, task))
+        add_adapters(model, args.method, tuple(args.targets), args.num_experts, args.rank, args.alpha, args.dropout,
+                     args.lora_rank, args.top_k, len(args.tasks) if args.method == "cgc" else None,
+                     args.common_experts, args.task_experts)
+    torch.manual_seed(init_seed(args.seed, task) + 1 + rank)  # dropout: different masks on different ranks
     return model
 
 
-def run_eval(model, tok, args, tasks, out_dir, name):
-    examples = test_examples(tok, args.data, tasks, "test", args.eval_limit, args.max_len, args.max_answer_len, args.tasks)
+def run_eval(model, tok, args, examples, out_dir, name):
     return evaluate(model, tok, examples, out_dir, name, batch_size=args.eval_batch_size,
                     max_new_tokens=args.max_new_tokens, use_task_ids=args.method == "cgc")
+
+
+def encode_data(tok, args):
+    """All training and test examples, encoded before any model is loaded: a problem in the data
+    costs seconds, not a model load."""
+    train = encode_examples(tok, load_tasks(args.data, args.tasks, "train", args.limit), args.tasks, args.max_len,
+                            args.max_answer_len, train=True, seed=args.seed)
+    test = [] if args.eval == "none" else encode_examples(
+        tok, load_tasks(args.data, args.tasks, "test", args.eval_limit), args.tasks, args.max_len, args.max_answer_len,
+        train=False)
+    return train, test
+
+
+def of_tasks(examples, tasks) -> list:
+    return [e for e in examples if e.task in tasks]
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    if args.batch_size % (world * args.grad_accum):
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of world size x --grad-accum "
-                         f"({world} x {args.grad_accum}).")
-    ensure_demo_model(args.model, rank, world)
-    run_dir = Path(args.out)
-    tok = load_tokenizer(args.model)
-    args.pad_token_id = tok.pad_token_id  # for collate in the loop; not saved (the tokenizer gives it)
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "pad_token_id")}
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            _atomic_write(run_dir / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2)))
-        print("configuration:\n" + "\n".join(f"  {k} = {v}" for k, v in config.items()))
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)  # the same adapter initialisation on every rank
-
-    def train_examples(tasks):
-        return encode_examples(tok, load_tasks(args.data, tasks, "train", args.limit), args.tasks, args.max_len,
-                               args.max_answer_len, train=True, seed=args.seed)
-
-    start = time.time()
     try:
-        model = build_model(args, device)
-        torch.manual_seed(args.seed + rank)  # different dropout masks on different ranks
-        before = None
-        if args.eval == "both" and rank == 0:
-            if (run_dir / "metrics_before.json").is_file():
-                before = json.loads((run_dir / "metrics_before.json").read_text())
-            else:
-                before = run_eval(model, tok, args, args.tasks, run_dir, "metrics_before")  # adapters start at the base function
-        if args.setting == "mtl":
-            train_phase(model, train_examples(args.tasks), args, run_dir, rank, world, resume=args.resume)
-            after = finish(model, tok, args, args.tasks, run_dir, rank)
-        elif args.setting == "single":
-            after = train_single(model, tok, args, config, run_dir, rank, world, train_examples)
-        else:
-            after = train_continual(model, tok, args, run_dir, rank, world, train_examples)
+        run(args, rank, world, device)
     except Stop as e:
         if rank == 0:
             print(f"\n{e}", file=sys.stderr)
@@ -462,6 +573,54 @@ def main(argv=None):
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run(args, rank, world, device):
+    start = time.time()
+    if not args.resume:
+        args.dtype, args.precision = choose_dtype(device, args.dtype)
+    if args.batch_size % (world * args.grad_accum):
+        raise InputError(f"--batch-size {args.batch_size} must be a multiple of world size x --grad-accum "
+                         f"({world} x {args.grad_accum}).")
+    ensure_demo_model(args.model, rank, world)
+    lock = claim_run_dir(args, rank)
+    try:
+        train_and_evaluate(args, rank, world, device, start)
+    finally:
+        if lock:
+            lock.close()  # releases the lock
+
+
+def train_and_evaluate(args, rank, world, device, start):
+    run_dir = Path(args.out)
+    tok = load_tokenizer(args.model)
+    read_model_args(args.model)  # config.json is checked before the data, the data before the weights
+    args.pad_token_id = tok.pad_token_id  # for collate in the loop; not saved (the tokenizer gives it)
+    train, test = encode_data(tok, args)
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "pad_token_id")}
+    if rank == 0:
+        if not args.resume:
+            atomic_write(run_dir / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2)))
+        print("configuration:\n" + "\n".join(f"  {k} = {v}" for k, v in config.items()))
+        print(args.precision)
+    random.seed(args.seed)
+
+    model = load_model(args.model, device=device, dtype=args.dtype)
+    before = None
+    if args.eval == "both" and rank == 0:
+        if (run_dir / "metrics_before.json").is_file():
+            before = json.loads((run_dir / "metrics_before.json").read_text())
+        else:  # the base model: every method starts at its function (SPEC section 3.5)
+            before = evaluate(model, tok, test, run_dir, "metrics_before", batch_size=args.eval_batch_size,
+                              max_new_tokens=args.max_new_tokens)
+    if args.setting == "mtl":
+        attach_adapters(model, args, run_dir / "checkpoint" if args.resume else None, rank=rank)
+        train_phase(model, train, args, run_dir, rank, world, resume=args.resume)
+        after = finish(model, tok, args, test, run_dir, rank)
+    elif args.setting == "single":
+        after = train_single(model, tok, args, config, train, test, run_dir, rank, world, device)
+    else:
+        after = train_continual(model, tok, args, train, test, run_dir, rank, world)
     if rank == 0:
         runs = ({"before (base model)": before} if before else {}) | ({f"after ({args.method})": after} if after else {})
         if runs:
@@ -469,29 +628,33 @@ def main(argv=None):
         print(f"done in {time.time() - start:.0f} s; run directory {run_dir}")
 
 
-def finish(model, tok, args, tasks, run_dir, rank):
+def finish(model, tok, args, test, run_dir, rank):
     """Save the final adapter and evaluate it (rank 0)."""
     if rank != 0:
         return None
     save_adapters(model, run_dir)
-    return run_eval(model, tok, args, tasks, run_dir, "metrics_test") if args.eval != "none" else None
+    return run_eval(model, tok, args, test, run_dir, "metrics_test") if args.eval != "none" else None
 
 
-def train_single(model, tok, args, config, run_dir, rank, world, train_examples):
+def train_single(model, tok, args, config, train, test, run_dir, rank, world, device):
     """One adapter per task, each a complete run directory <run_dir>/<task>; finished tasks are skipped."""
     per_task = {}
-    for i, task in enumerate(args.tasks):
+    for task in args.tasks:
         task_dir = run_dir / task
+        metrics = task_dir / "metrics_test.json"
+        if (task_dir / "adapter.safetensors").is_file() and (metrics.is_file() or args.eval == "none"):
+            per_task.update(json.loads(metrics.read_text())["per_task"] if metrics.is_file() else {})
+            continue
         if rank == 0:
             task_dir.mkdir(parents=True, exist_ok=True)
             (task_dir / "config.json").write_text(json.dumps({**config, "tasks": [task], "setting": "single"}, indent=2))
-        if (task_dir / "metrics_test.json").is_file():
-            per_task.update(json.loads((task_dir / "metrics_test.json").read_text())["per_task"])
-            continue
-        model = build_model(args, device=model.lm_head.weight.device) if i else model  # a fresh adapter
-        train_phase(model, train_examples([task]), args, task_dir, rank, world, resume=args.resume)
-        metrics = finish(model, tok, args, [task], task_dir, rank)
+        if model is None:  # a fresh base model for every task after the first
+            model = load_model(args.model, device=device, dtype=args.dtype)
+        attach_adapters(model, args, task_dir / "checkpoint" if args.resume else None, task=task, rank=rank)
+        train_phase(model, of_tasks(train, [task]), args, task_dir, rank, world, resume=args.resume)
+        metrics = finish(model, tok, args, of_tasks(test, [task]), task_dir, rank)
         per_task.update(metrics["per_task"] if metrics else {})
+        model = None
     return summarise(per_task, args, run_dir) if rank == 0 else None
 
 
@@ -506,33 +669,38 @@ def summarise(per_task, args, run_dir):
     return out
 
 
-def train_continual(model, tok, args, run_dir, rank, world, train_examples):
+def train_continual(model, tok, args, train, test, run_dir, rank, world):
     """Tasks one after another; after each, every test set is scored: a[j][i] in continual.json."""
     order = list(args.tasks)
     random.Random(args.seed).shuffle(order)
     file = run_dir / "continual.json"
     record = json.loads(file.read_text()) if args.resume and file.is_file() else {"order": order, "rougeL": [], "exact_match": []}
-    ckpt = run_dir / "checkpoint" / "trainer.json"
-    first = json.loads(ckpt.read_text())["phase"] if args.resume and ckpt.is_file() else 0
-    after = None
+    ckpt = run_dir / "checkpoint"
+    folder = checkpoint_folder(ckpt) if args.resume else None
+    first = read_json(folder / "trainer.json", DAMAGED)["phase"] if folder else 0
+    attach_adapters(model, args, ckpt if args.resume else None, rank=rank)
     for j, task in enumerate(order):
         if j < first:
             continue
         if rank == 0:
             print(f"continual: task {j + 1}/{len(order)}: {task}")
-        train_phase(model, train_examples([task]), args, run_dir, rank, world, phase=j, resume=args.resume and j == first)
+        train_phase(model, of_tasks(train, [task]), args, run_dir, rank, world, phase=j, resume=args.resume and j == first)
         if rank == 0 and len(record["rougeL"]) <= j:
-            save_adapters(model, run_dir / f"after_{j + 1}_{task}")
-            (run_dir / f"after_{j + 1}_{task}" / "config.json").write_text((run_dir / "config.json").read_text())
-            after = run_eval(model, tok, args, order, run_dir / f"after_{j + 1}_{task}", "metrics_test")
-            record["rougeL"].append([after["per_task"][t]["rougeL"] for t in order])
-            record["exact_match"].append([after["per_task"][t]["exact_match"] for t in order])
-            _atomic_write(file, lambda f: Path(f).write_text(json.dumps(record, indent=2)))
+            snapshot = run_dir / f"after_{j + 1}_{task}"
+            save_adapters(model, snapshot)
+            (snapshot / "config.json").write_text((run_dir / "config.json").read_text())
+            if args.eval != "none":
+                after = run_eval(model, tok, args, test, snapshot, "metrics_test")
+                record["rougeL"].append([after["per_task"][t]["rougeL"] for t in order])
+                record["exact_match"].append([after["per_task"][t]["exact_match"] for t in order])
+                atomic_write(file, lambda f: Path(f).write_text(json.dumps(record, indent=2)))
         if world > 1:
             dist.barrier()
     if rank != 0:
         return None
     save_adapters(model, run_dir)
+    if args.eval == "none":
+        return None
     last = run_dir / f"after_{len(order)}_{order[-1]}" / "metrics_test.json"
     after = json.loads(last.read_text())
     (run_dir / "metrics_test.json").write_text(json.dumps(after, indent=2))  # after the last task
@@ -541,4 +709,4 @@ def train_continual(model, tok, args, run_dir, rank, world, train_examples):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

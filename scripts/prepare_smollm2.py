@@ -169,7 +169,7 @@ def check(out: Path, run_model: bool):
     if tok.tk.id_to_token(tok.eos_token_id) != EOS:
         raise SystemExit(f"{out}: eos is {tok.tk.id_to_token(tok.eos_token_id)!r}, expected {EOS!r}")
     if run_model:  # a wrong q/k permutation or tensor mapping gives gibberish here
-        model = load_model(out, device="cpu")
+        model = load_model(out, device="cpu", dtype=torch.float32)
         ids = torch.tensor([tok.encode("The capital of France is")])
         text = tok.decode(generate(model, ids, max_new_tokens=8, eos_token_id=tok.stop_token_ids)[0, ids.shape[1]:])
         if "Paris" not in text:

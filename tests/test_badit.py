@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from badit import (METHODS, accumulate_regroup_signal, add_adapters, adapters_of, balanced_assignment,
-                   export_peft, load_adapters, merge_adapters, regroup, routed_adapters, save_adapters,
-                   spherical_kmeans)
+                   export_peft, hungarian, load_adapters, merge_adapters, permutation_in_place, regroup,
+                   routed_adapters, save_adapters, spherical_kmeans)
 from conftest import left_padded_batch
 from model import generate, load_model
 
@@ -18,7 +18,7 @@ TASKS = torch.tensor([0, 2, 1])
 
 
 def adapted(path, method, **kw):
-    model = load_model(path)
+    model = load_model(path, dtype=torch.float32)
     kw = {"dropout": 0.0, **({"num_tasks": 3} if method == "cgc" else {}), **kw}
     add_adapters(model, method, **kw)
     return model
@@ -45,7 +45,7 @@ def loss_of(model, ids, mask, task_ids=None):
 def test_every_method_starts_at_the_base_function(tiny_checkpoints, method):
     path = tiny_checkpoints["qwen3"]
     ids, mask = left_padded_batch(LENGTHS)
-    base = load_model(path)(ids, mask)
+    base = load_model(path, dtype=torch.float32)(ids, mask)
     model = adapted(path, method, targets=("gate_proj", "q_proj"))
     out = model(ids, mask, task_ids=TASKS if method == "cgc" else None)
     torch.testing.assert_close(out, base, atol=2e-5, rtol=0)
@@ -56,7 +56,7 @@ def test_every_method_starts_at_the_base_function(tiny_checkpoints, method):
 
 def test_svd_experts(tiny_checkpoints):
     path = tiny_checkpoints["llama3"]
-    W0 = load_model(path).layers[1].mlp.gate_proj.weight.detach().clone()
+    W0 = load_model(path, dtype=torch.float32).layers[1].mlp.gate_proj.weight.detach().clone()
     model = adapted(path, "badit", num_experts=6, rank=4, alpha=32)
     a = adapters_of(model)["layers.1.mlp.gate_proj"]
     A, B, s = a.A.detach(), a.B.detach(), a.scaling
@@ -136,17 +136,37 @@ def test_kmeans_objective_not_worse_than_sklearn():
 
 @settings(max_examples=60, deadline=None)
 @given(L=st.integers(1, 4), K=st.integers(1, 7), r=st.integers(1, 5), seed=st.integers(0, 10**6))
-def test_balanced_assignment_is_an_exact_balanced_permutation(L, K, r, seed):
+def test_balanced_assignment_and_the_in_place_permutation(L, K, r, seed):
     sim = torch.rand(L, K * r, K, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    perm = balanced_assignment(sim, r)
-    assert torch.equal(perm.sort(1).values, torch.arange(K * r).expand(L, -1))
-    expert = torch.arange(K * r) // r  # position i belongs to expert i // r: r each by construction
-    placed = sim.gather(1, perm[..., None].expand(-1, -1, K)).gather(2, expert.expand(L, -1)[..., None])[..., 0]
-    assert (placed.view(L, K, r).diff(dim=2) <= 0).all()  # descending similarity within an expert
+    expert = balanced_assignment(sim, r)
+    assert (torch.nn.functional.one_hot(expert, K).sum(1) == r).all()  # exactly r components per expert
     best = sim.view(L, -1).argmax(1)  # the best pair overall is always honoured
-    j, e = best // K, best % K
     for l in range(L):
-        assert (perm[l] == j[l]).nonzero().item() // r == e[l]
+        assert expert[l, best[l] // K] == best[l] % K
+
+    perm = permutation_in_place(expert, sim, r)
+    slot = torch.arange(K * r)
+    assert torch.equal(perm.sort(1).values, slot.expand(L, -1))  # a permutation: nothing dropped or duplicated
+    assert torch.equal(expert.gather(1, perm), (slot // r).expand(L, -1))  # slot i holds a member of expert i // r
+    stays = expert == slot // r
+    assert torch.equal(perm[stays], slot.expand(L, -1)[stays])  # a component that keeps its expert keeps its slot
+    for l in range(L):
+        for e in range(K):  # the newcomers of an expert fill its free slots in descending similarity
+            new = [int(perm[l, i]) for i in range(e * r, (e + 1) * r) if not stays[l, i]]
+            assert all(sim[l, a, e] >= sim[l, b, e] for a, b in zip(new, new[1:]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 7), seed=st.integers(0, 10**6), ties=st.booleans())
+def test_hungarian_is_an_exact_maximum_assignment(n, seed, ties):
+    from scipy.optimize import linear_sum_assignment
+
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randint(0, 3, (n, n), generator=g).double() if ties else torch.randn(n, n, generator=g).double()
+    col = hungarian(score.tolist())
+    assert sorted(col) == list(range(n))
+    rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
+    assert sum(score[i, col[i]] for i in range(n)) == pytest.approx(score.numpy()[rows, cols].sum(), abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- regroup
@@ -234,7 +254,7 @@ def test_save_and_load_restore_exactly(tiny_checkpoints, tmp_path, method):
     model = adapted(path, method)
     randomize_adapters(model)
     save_adapters(model, tmp_path)
-    restored = load_model(path)
+    restored = load_model(path, dtype=torch.float32)
     load_adapters(restored, tmp_path)
     ids, mask = left_padded_batch(LENGTHS)
     task_ids = TASKS if method == "cgc" else None
@@ -259,11 +279,13 @@ def test_cgc_merges_per_task(tiny_checkpoints):
 
 
 def peft_model(path, r):
+    """PEFT scales by lora_alpha / r; our s = alpha / (expert rank) = 32 / 4 for every method (SPEC
+    section 6), so the same function has lora_alpha = s x r."""
     from peft import LoraConfig, get_peft_model
 
     from conftest import hf_model
 
-    return get_peft_model(hf_model(path), LoraConfig(r=r, lora_alpha=32, lora_dropout=0.0, target_modules=["gate_proj"]))
+    return get_peft_model(hf_model(path), LoraConfig(r=r, lora_alpha=32 / 4 * r, lora_dropout=0.0, target_modules=["gate_proj"]))
 
 
 def hf_logits(model, ids, mask):
@@ -313,7 +335,7 @@ def test_bad_input(tiny_checkpoints):
     with pytest.raises(ValueError, match="unknown method 'bdit'; choose one of lora, pissa"):
         adapted(path, "bdit")
     with pytest.raises(ValueError, match="cgc needs num_tasks"):
-        add_adapters(load_model(path), "cgc")
+        add_adapters(load_model(path, dtype=torch.float32), "cgc")
     model = adapted(path, "cgc")
     ids, mask = left_padded_batch(LENGTHS)
     with pytest.raises(ValueError, match="cgc adapters need a task id per sequence"):

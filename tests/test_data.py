@@ -85,10 +85,13 @@ def test_collate_masks_and_task_ids(tok):
 def test_batch_order_is_a_seeded_partition_and_groups_lengths(tok):
     tasks = load_tasks(SUPERNI, ["task1290_xsum_summarization", "task363_sst2_polarity_classification"], "train", limit=64)
     examples = encode_examples(tok, tasks, [t.name for t in tasks], max_len=512)
-    grouped = batch_order(examples, 8, seed=0, epoch=0)
+    grouped = batch_order(examples, 8, seed=0, epoch=0, group_by_length=True)
     assert sorted(i for b in grouped for i in b) == list(range(len(examples)))
-    assert grouped == batch_order(examples, 8, seed=0, epoch=0) != batch_order(examples, 8, seed=0, epoch=1)
-    plain = batch_order(examples, 8, seed=0, epoch=0, group_by_length=False)
+    assert grouped == batch_order(examples, 8, seed=0, epoch=0, group_by_length=True) != batch_order(examples, 8, seed=0, epoch=1, group_by_length=True)
+    plain = batch_order(examples, 8, seed=0, epoch=0)  # SPEC section 8: plain seeded shuffling by default
+    assert sorted(i for b in plain for i in b) == list(range(len(examples)))
+    tasks_per_batch = lambda batches: sum(len({examples[i].task for i in b}) for b in batches) / len(batches)  # noqa: E731
+    assert tasks_per_batch(plain) > tasks_per_batch(grouped)  # plain batches mix the tasks
     padding = lambda batches: sum(max(len(examples[i]) for i in b) * len(b) - sum(len(examples[i]) for i in b) for b in batches)  # noqa: E731
     assert padding(grouped) < 0.5 * padding(plain)
 

@@ -52,7 +52,7 @@ def test_tokenizer_matches_gguf_tokenizer(demo_model_dir):
 def test_logits_and_greedy_continuation_match_transformers(demo_model_dir, hf_gguf_model):
     tok = load_tokenizer(demo_model_dir)
     ids, mask = left_pad([tok.encode(p)[-120:] for p in superni_prompts(3)], tok.pad_token_id)
-    ours = load_model(demo_model_dir, device="cpu")
+    ours = load_model(demo_model_dir, device="cpu", dtype=torch.float32)
     with torch.no_grad():
         logits = ours(ids, mask)
         ref = hf_gguf_model(input_ids=ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
