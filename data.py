@@ -335,11 +335,11 @@ def export_classroom(out_dir):
     print(f"wrote {len(CLASSROOM_TASKS)} tasks to {out_dir}")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export", metavar="DIR", help="write the classroom suite to DIR in SuperNI layout")
     p.add_argument("--show", metavar="ROOT", help=f"summarise a data root (a folder or '{CLASSROOM}')")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.export:
         export_classroom(args.export)
     if args.show:

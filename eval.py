@@ -101,7 +101,7 @@ def continual_metrics(a, single=None) -> dict:
 
 
 @torch.no_grad()
-def predict(model, tok, examples, batch_size=16, max_new_tokens=50, use_task_ids=False, desc="generating") -> list[dict]:
+def predict(model, tok, examples, batch_size=64, max_new_tokens=50, use_task_ids=False, desc="generating") -> list[dict]:
     """Batched greedy generation (longest prompts first, left-padded) -> [{task, id, prompt, references, prediction}]."""
     was_training = model.training
     model.eval()
@@ -400,7 +400,7 @@ def main(argv=None):
     e.add_argument("--limit", type=positive_int, help="first N instances per task")
     e.add_argument("--max-len", type=number(int, 16), help="maximum prompt + answer tokens (default: the run's)")
     e.add_argument("--max-new-tokens", type=positive_int, default=50, help="greedy decoding length (SPEC: 50)")
-    e.add_argument("--batch-size", type=positive_int, default=16)
+    e.add_argument("--batch-size", type=positive_int, default=64, help="prompts per generation batch (default: %(default)s)")
     e.add_argument("--out", help="output folder (default: the run directory)")
 
     c = sub.add_parser("compare", help="per-task ROUGE-L of several runs side by side, with colla")

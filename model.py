@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data import InputError, MissingFile, cli, format_prompt
+from data import InputError, MissingFile, cli, format_prompt, positive_int
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 
@@ -222,6 +222,11 @@ def rotate_half(x):
 
 def attention(q, k, v, mask, scale: float, softcap: float | None):
     """q (B, H, L, hd); k, v (B, Hkv, T, hd); mask (B, 1, L, T), True where a query may look."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # On the CPU the fused kernel is faster in float32 than in bf16 for the short sequences of this
+        # project (forward + backward at 8 x 9 heads x 46 tokens: 2.1 against 7.2 ms; equal at 256 tokens).
+        with torch.autocast("cpu", enabled=False):
+            return attention(q.float(), k.float(), v.float(), mask, scale, softcap).to(q.dtype)
     if softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     # Gemma-2 soft-caps the attention logits, which SDPA cannot do: write attention out.
@@ -666,7 +671,7 @@ def load_tokenizer(path) -> Tokenizer:
 # Command line: greedy generation from a checkpoint, on a SuperNI-style prompt by default
 
 
-def main():
+def main(argv=None):
     import argparse
 
     example = format_prompt(
@@ -674,14 +679,14 @@ def main():
         "The plot was thin, but the acting was wonderful and I left the cinema smiling.",
     )
     p = argparse.ArgumentParser(description="Greedy generation with a checkpoint (the demo model by default).")
-    p.add_argument("--model", default="checkpoints/SmolLM2-135M-Instruct", help="Hugging Face checkpoint folder")
+    p.add_argument("--model", default="checkpoints/SmolLM2-135M-Instruct", help="Hugging Face checkpoint folder or hub id")
     p.add_argument("--prompt", default=example, help="prompt text (default: a SuperNI-style example)")
-    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=positive_int, default=50)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    args = p.parse_args()
-    if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be at least 1.")
-    model, tok = load_model(args.model, device=args.device), load_tokenizer(args.model)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 where the device has native bf16 "
+                   "(CUDA, AVX512-BF16, AMX), float32 elsewhere")
+    args = p.parse_args(argv)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype), load_tokenizer(args.model)
     ids = torch.tensor([tok.encode(args.prompt)], device=model.lm_head.weight.device)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, eos_token_id=tok.stop_token_ids, pad_token_id=tok.pad_token_id)
     print(args.prompt + tok.decode(out[0, ids.shape[1]:].tolist()))

@@ -122,7 +122,7 @@ def parse_args(argv=None):
                    "optimizer, router and loss are float32 always")
     g.add_argument("--eval", default="both", choices=["both", "after", "none"], help="evaluate on the test sets before "
                    "(the base model) and after training, after only, or not at all (default: %(default)s)")
-    g.add_argument("--eval-batch-size", type=positive_int, default=16, help="prompts per generation batch (default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=64, help="prompts per generation batch (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=positive_int, default=50, help="greedy decoding length at evaluation (SPEC: 50)")
     g.add_argument("--out", help="run directory (default: runs/<method>-<setting>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint with its saved "
@@ -227,11 +227,12 @@ def claim_run_dir(args, rank: int):
     lock = lock_run_dir(run_dir)
     holds_run = (run_dir / "config.json").is_file()
     others = [p for p in run_dir.iterdir() if p.name != ".lock"]
-    if not args.resume and holds_run and not args.overwrite:
+    if not args.resume and (others and not holds_run or holds_run and not args.overwrite):
+        if lock:
+            lock.close()
         raise InputError(f"{run_dir} already holds a run: continue it with `python train.py --out {run_dir} --resume`, "
-                         f"replace it with --overwrite, or choose another --out.")
-    if not args.resume and others and not holds_run:
-        raise InputError(f"{run_dir} is not empty and holds no run; choose another --out.")
+                         f"replace it with --overwrite, or choose another --out." if holds_run else
+                         f"{run_dir} is not empty and holds no run; choose another --out.")
     if args.overwrite:
         for p in others:
             shutil.rmtree(p) if p.is_dir() else p.unlink()

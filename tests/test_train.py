@@ -247,3 +247,128 @@ def test_continual_resume_after_an_interrupt_in_the_second_task(tiny_trainable, 
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     full, cut = (json.loads((tmp_path / d / "continual.json").read_text()) for d in ("full", "cut"))
     assert cut == full
+
+
+# ---------------------------------------------------------------------------------------------- issue 8: determinism
+
+
+def test_the_regroup_signal_restarts_with_each_continual_task(tiny_trainable, tmp_path, monkeypatch):
+    """SPEC section 5: a new task of the continual setting starts its signal from zero, so the first regroup
+    of task 2 clusters task 2's gradients only."""
+    import badit
+
+    steps, seen = [], []  # every optimizer step's z (signal_last), and the signal at every regroup
+    accumulate, regroup = badit.accumulate_regroup_signal, badit.regroup
+
+    def record_step(model):
+        accumulate(model)
+        steps.append({n: a.signal_last.clone() for n, a in badit.routed_adapters(model).items()})
+
+    def record_regroup(model, *args, **kw):
+        seen.append((len(steps), {n: a.signal_sum.clone() for n, a in badit.routed_adapters(model).items()}))
+        return regroup(model, *args, **kw)
+
+    monkeypatch.setattr(train, "accumulate_regroup_signal", record_step)
+    monkeypatch.setattr(train, "regroup", record_regroup)
+    run(tiny_trainable, tmp_path / "cont", "--method", "badit", "--setting", "continual", "--eval", "none")
+    assert [n for n, _ in seen] == [2, 6]  # after epoch 1 of each task: 2 steps per epoch, 4 per task
+    for n, z in seen[1][1].items():  # task 2's regroup: its own 2 steps (5 and 6), nothing of task 1
+        torch.testing.assert_close(z, steps[4][n] + steps[5][n], atol=1e-6, rtol=0)
+
+
+def test_a_single_task_adapter_depends_only_on_seed_and_task(tiny_trainable, tmp_path):
+    """--setting single: each task's adapter starts from (seed, task) alone, whatever ran before it."""
+    run(tiny_trainable, tmp_path / "both", "--method", "lora", "--setting", "single", "--eval", "none")  # random init
+    run(tiny_trainable, tmp_path / "one", "--method", "lora", "--setting", "single", "--eval", "none",
+        "--tasks", "sort_descending")
+    assert losses(tmp_path / "both" / "sort_descending") == losses(tmp_path / "one" / "sort_descending")
+    for a, b in zip(adapter_state_of(tmp_path / "both" / "sort_descending"), adapter_state_of(tmp_path / "one" / "sort_descending")):
+        assert torch.equal(a, b)
+
+
+def test_resume_rebuilds_the_residual_from_the_saved_components(tiny_trainable, tmp_path, monkeypatch):
+    """A resume must not redo the SVD (another machine's or library's SVD need not be bitwise equal):
+    with a perturbed SVD at resume the run still continues exactly."""
+    extra = ["--method", "badit", "--epochs", "3", "--eval", "none"]
+    run(tiny_trainable, tmp_path / "full", *extra)
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        run(tiny_trainable, tmp_path / "cut", *extra)
+    monkeypatch.undo()
+    svd = torch.linalg.svd
+
+    def perturbed_svd(W, **kw):
+        U, S, Vh = svd(W, **kw)
+        return U, S * 1.001, Vh
+
+    monkeypatch.setattr(torch.linalg, "svd", perturbed_svd)
+    train.main(["--out", str(tmp_path / "cut"), "--resume"])
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+def faulty_torchrun(tiny_trainable, out, nproc, *faults, extra=(), resume=False):
+    """train.py under torchrun with faults (tests/faults.py) -> (return code, output)."""
+    args = ["--out", str(out), "--resume"] if resume else ["--model", str(tiny_trainable), "--out", str(out), *FAST, *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "tests" / "faults.py"), *faults, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return result.returncode, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_single_setting_under_torchrun_matches_one_process(tiny_trainable, tmp_path):
+    extra = ["--method", "lora", "--setting", "single", "--dropout", "0", "--eval", "none"]  # lora: a random init
+    for nproc in (1, 2):
+        code, output = faulty_torchrun(tiny_trainable, tmp_path / str(nproc), nproc, "ranks", extra=extra)
+        assert code == 0, output
+    for task in ("sort_ascending", "sort_descending"):
+        one, two = losses(tmp_path / "1" / task), losses(tmp_path / "2" / task)
+        assert [s for s, _ in one] == [s for s, _ in two]
+        assert [v for _, v in one] == pytest.approx([v for _, v in two], rel=1e-5)
+        ranks = [adapter_state_of_file(tmp_path / "2" / task / f"rank{r}.safetensors") for r in (0, 1)]
+        assert all(torch.equal(a, b) for a, b in zip(*ranks))  # both ranks trained the same model
+
+
+def adapter_state_of_file(file):
+    from safetensors.torch import load_file
+
+    state = load_file(file)
+    return [state[k] for k in sorted(state)]
+
+
+def test_resume_under_torchrun_restores_every_ranks_rng(tiny_trainable, tmp_path):
+    extra = ["--method", "badit", "--epochs", "3", "--eval", "none"]  # dropout 0.05: each rank's stream matters
+    code, output = faulty_torchrun(tiny_trainable, tmp_path / "full", 2, extra=extra)
+    assert code == 0, output
+    code, output = faulty_torchrun(tiny_trainable, tmp_path / "cut", 2, "interrupt@3", extra=extra)
+    assert code != 0 and "checkpoint saved" in output, output
+    assert len(losses(tmp_path / "cut")) == 3
+    code, output = faulty_torchrun(tiny_trainable, tmp_path / "cut", 2, resume=True)
+    assert code == 0, output
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert all(torch.equal(a, b) for a, b in zip(adapter_state_of(tmp_path / "full"), adapter_state_of(tmp_path / "cut")))
+
+
+def test_ranks_that_cluster_differently_apply_rank_0s_permutation(tiny_trainable, tmp_path):
+    extra = ["--method", "badit", "--epochs", "2", "--eval", "none"]
+    code, output = faulty_torchrun(tiny_trainable, tmp_path / "run", 2, "disagree", "ranks", extra=extra)
+    assert code == 0, output
+    regroups = [e for e in log_of(tmp_path / "run") if "regroup" in e]
+    assert len(regroups) == 1 and regroups[0]["same_on_all_ranks"] is False
+    ranks = [adapter_state_of_file(tmp_path / "run" / f"rank{r}.safetensors") for r in (0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(*ranks))  # the ranks still hold one model
+
+
+def test_no_import_cycles():
+    """data and model at the bottom, the method above them, the loop above that (the design card):
+    no module imports one above it, not even inside a function."""
+    import ast
+
+    layers = ["data", "model", "badit", "elrea", "eval", "train", "study"]
+    for i, name in enumerate(layers):
+        file = ROOT / f"{name}.py"
+        if not file.is_file():
+            continue
+        imported = {n.module if isinstance(n, ast.ImportFrom) else a.name
+                    for n in ast.walk(ast.parse(file.read_text())) if isinstance(n, (ast.Import, ast.ImportFrom))
+                    for a in (n.names if isinstance(n, ast.Import) else [None])}
+        assert not imported & set(layers[i:]), f"{name}.py imports {imported & set(layers[i:])}"
