@@ -27,7 +27,7 @@ from tqdm import tqdm
 from badit import adapters_of, load_adapters
 from data import (CLASSROOM, InputError, MissingFile, answer_loss, cli, collate, encode_examples, list_tasks,
                   load_tasks, names, number, positive_int)
-from model import generate, load_model, load_tokenizer, read_json
+from model import DEMO_MODEL, generate, load_model, load_tokenizer, read_json
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
@@ -166,9 +166,7 @@ def load_run(run_dir=None, model_path=None, device=None, dtype=None):
     """(model, tokenizer, adapter config or None): the base model plus the run's final adapter, in the
     precision the run was trained in unless dtype says otherwise."""
     cfg = read_config(run_dir) if run_dir else {}
-    path = model_path or cfg.get("model")
-    if path is None:
-        raise InputError("--base-only needs --model PATH.")
+    path = model_path or cfg.get("model") or DEMO_MODEL
     model = load_model(path, device=device, dtype=dtype or cfg.get("dtype"))
     adapter = load_adapters(model, run_dir) if run_dir else None
     return model, load_tokenizer(path), adapter
@@ -262,12 +260,13 @@ def cmd_evaluate(args):
     cfg = read_config(args.run_dir) if args.run_dir else {}
     if not args.run_dir and not args.base_only:
         raise InputError("eval.py evaluate: give a RUN_DIR, or --base-only --model PATH.")
-    model, tok, adapter = load_run(None if args.base_only else args.run_dir, args.model or cfg.get("model"), args.device, args.dtype)
+    path = args.model or cfg.get("model") or DEMO_MODEL
     data = args.data or cfg.get("data", CLASSROOM)
     tasks = args.tasks or cfg.get("tasks") or list_tasks(data)
+    examples = test_examples(load_tokenizer(path), data, tasks, args.split, args.limit,  # the data before the model
+                             args.max_len or cfg.get("max_len", 1024), cfg.get("max_answer_len", 50), all_tasks=cfg.get("tasks"))
+    model, tok, adapter = load_run(None if args.base_only else args.run_dir, path, args.device, args.dtype)
     use_ids = bool(adapter) and adapter["method"] == "cgc"
-    examples = test_examples(tok, data, tasks, args.split, args.limit, args.max_len or cfg.get("max_len", 1024),
-                             cfg.get("max_answer_len", 50), all_tasks=cfg.get("tasks"))
     out = Path(args.out or args.run_dir or ".")
     out.mkdir(parents=True, exist_ok=True)
     name = "metrics_base" if args.base_only else f"metrics_{args.split}"
@@ -393,7 +392,7 @@ def main(argv=None):
     e = sub.add_parser("evaluate", help="generate on a split and score it (ROUGE-L, exact match)")
     e.add_argument("run_dir", nargs="?", help="a run directory written by train.py (its config gives model and data)")
     e.add_argument("--base-only", action="store_true", help="evaluate the base model without any adapter")
-    e.add_argument("--model", help="checkpoint folder (default: the run's)")
+    e.add_argument("--model", help="checkpoint folder or hub id (default: the run's, or the demo model)")
     e.add_argument("--data", help=f"SuperNI root or '{CLASSROOM}' (default: the run's)")
     e.add_argument("--tasks", type=names, help="comma-separated task names (default: the run's, or all)")
     e.add_argument("--split", default="test", choices=["train", "dev", "test"])

@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from data import InputError, MissingFile, cli, format_prompt, positive_int
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+DEMO_MODEL = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"  # scripts/prepare_smollm2.py
 
 
 # ----------------------------------------------------------------------------------------------
@@ -679,7 +680,7 @@ def main(argv=None):
         "The plot was thin, but the acting was wonderful and I left the cinema smiling.",
     )
     p = argparse.ArgumentParser(description="Greedy generation with a checkpoint (the demo model by default).")
-    p.add_argument("--model", default="checkpoints/SmolLM2-135M-Instruct", help="Hugging Face checkpoint folder or hub id")
+    p.add_argument("--model", default=str(DEMO_MODEL), help="Hugging Face checkpoint folder or hub id (default: the demo model)")
     p.add_argument("--prompt", default=example, help="prompt text (default: a SuperNI-style example)")
     p.add_argument("--max-new-tokens", type=positive_int, default=50)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -46,10 +46,9 @@ from badit import (METHODS, accumulate_regroup_signal, add_adapters, atomic_writ
 from data import (CLASSROOM, InputError, answer_loss, batch_order, cli, collate, encode_examples, list_tasks,
                   load_tasks, names, number, positive_int)
 from eval import continual_metrics, evaluate, markdown_table
-from model import choose_dtype, load_model, load_tokenizer, read_json, read_model_args, read_safetensors, resolve_device
+from model import DEMO_MODEL, choose_dtype, load_model, load_tokenizer, read_json, read_model_args, read_safetensors, resolve_device
 
 ROOT = Path(__file__).resolve().parent
-DEMO_MODEL = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
 
 # Two recipes. The paper's (SPEC section 8) for SuperNI; the classroom suite's for the main job on a
 # laptop CPU: fewer, shorter sequences, so a larger learning rate and fewer epochs.
@@ -407,6 +406,8 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
     if resume and rank == 0:
         trim_log(run_dir / "log.jsonl", phase, step)
     log = open(run_dir / "log.jsonl", "a") if rank == 0 else None
+    if log:  # where this phase starts and how long it is (study.py's progress bar reads it)
+        log.write(json.dumps(dict(phase=phase, step=step, total_steps=total)) + "\n")
     interrupted = []
 
     def on_ctrl_c(*_):  # the first Ctrl-C asks for a checkpoint at the end of this step; a second one stops at once

@@ -1,0 +1,538 @@
+"""Studies: every method over seeds, and hyperparameter experiments; each cell an ordinary train.py run.
+
+    python study.py classroom                      # a named study (STUDIES below); run it again to continue
+    python study.py superni --summary              # the summary of the cells that have finished
+    python study.py lr-sweep --methods badit,lora --seeds 0,1,2 --single --vary lr=1e-4,2e-4,5e-4 -- --epochs 3
+    python study.py classroom --launcher torchrun --nproc 4      # every cell data-parallel on 4 GPUs
+
+The cells run one after another, each as `python train.py --out studies/<name>/<cell> ...` in its own
+process. A finished cell is skipped and an interrupted one resumed (train.py --resume), so a study
+survives Ctrl-C and restarts. After every cell its small result files (configuration, scores, loss
+curve, regroup angles, analyses; no adapters, no predictions) go to results/<name>/cells/<cell>/ and
+the summary, results/<name>/summary.md and summary.json, is rewritten from those files alone
+(SPEC section 8: every score a mean over seeds with its standard deviation; differences judged by
+a paired sign-flip permutation test over seeds x tasks). PNG plots are added when matplotlib is installed.
+"""
+
+import argparse
+import itertools
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from badit import atomic_write
+from data import CLASSROOM, InputError, cli, names
+from train import METHODS
+
+ROOT = Path(__file__).resolve().parent
+SUPERNI = ROOT.parent / "shared" / "data" / "superni"
+
+
+@dataclass
+class Cell:
+    """One run of a study. kind: "train" (a train.py run), "base" (the base model evaluated once),
+    "analysis" (eval.py conflict + coactivation on a train cell, `of`)."""
+
+    id: str
+    method: str = ""
+    seed: int = 0
+    setting: str = "mtl"
+    variant: str = ""  # what differs from the method's plain cell, e.g. "lr=3e-4": a row of its own
+    flags: list = field(default_factory=list)
+    kind: str = "train"
+    of: str = ""
+
+    @property
+    def row(self) -> str:
+        return self.method + (f" [{self.variant}]" if self.variant else "")
+
+
+def grid(methods, seeds, setting="mtl", variant="", flags=()) -> list[Cell]:
+    tag = "" if not variant else "-" + variant.replace(" ", "_").replace("/", "_")
+    suffix = "" if setting == "mtl" else f"-{setting}"
+    return [Cell(f"{m}{tag}{suffix}-s{s}", m, s, setting, variant, list(flags)) for m in methods for s in seeds]
+
+
+# ----------------------------------------------------------------------------------------------
+# The named studies. Their configurations are fixed here before they run; a configuration changed
+# after seeing results is a new study, reported beside the first (issue: no tuning toward a method).
+
+SEEDS = [0, 1, 2]
+ALL = ["lora", "pissa", "loramoe", "badit-noregroup", "badit", "cgc", "elrea"]
+
+
+def classroom_study() -> dict:
+    """The embedded suite with the classroom recipe (train.py RECIPES), every method over 3 seeds, the
+    single-task runs of every method (colla), and four pre-declared ablations on lora and badit:
+    the learning rate (3e-4, 3e-3 beside 1e-3), PEFT's scaling alpha / r_lora (alpha 32 x 4 / 24),
+    float32 against bf16, and batches grouped by length against plain shuffling."""
+    cells = [Cell("base", "base", kind="base")]
+    cells += grid(["lora", "badit"], SEEDS)
+    cells += grid(["lora"], SEEDS, "mtl", "s=1.33 (PEFT scaling)", ["--alpha", str(32 * 4 / 24)])
+    cells += grid(["lora", "badit"], SEEDS, "mtl", "float32", ["--dtype", "float32"])
+    cells += grid(["lora", "badit"], SEEDS, "mtl", "grouped batches", ["--group-by-length"])
+    cells += grid(["pissa", "loramoe", "badit-noregroup", "cgc"], SEEDS)
+    cells += grid([m for m in ALL if m != "elrea"], SEEDS, "single")
+    for lr in ("3e-4", "3e-3"):
+        cells += grid(["lora"], SEEDS, "mtl", f"lr={lr}", ["--lr", lr])
+    cells += [Cell(f"analysis-{m}", m, kind="analysis", of=f"{m}-s0") for m in ALL if m != "elrea"]
+    cells += grid(["elrea"], SEEDS) + grid(["elrea"], SEEDS, "single")
+    return dict(flags=["--data", CLASSROOM, "--eval", "after"], cells=cells, reference="lora")
+
+
+def superni_study() -> dict:
+    """The paper's 15 SuperNI tasks on the demo model, scaled to this CPU: the first 32 training
+    instances per task (480 in all), at most 512 tokens (the median prompt is about 240 tokens; the
+    longest inputs are shortened, never the answer), 3 epochs (180 optimizer steps), the paper's
+    learning rate 2e-4 and batch 8, the first 20 test instances per task (300 prompts). badit,
+    badit-noregroup, loramoe and lora at 3 seeds; pissa, cgc and elrea at seed 0; single-task runs for
+    lora and badit (colla); the continual setting for lora and badit at seed 0 last."""
+    cells = [Cell("base", "base", kind="base")]
+    cells += grid(["lora", "badit"], SEEDS) + grid(["badit-noregroup", "loramoe"], SEEDS)
+    cells += grid(["lora", "badit"], SEEDS, "single")
+    cells += grid(["pissa", "cgc", "elrea"], [0])
+    cells += [Cell(f"analysis-{m}", m, kind="analysis", of=f"{m}-s0") for m in ("lora", "badit")]
+    cells += grid(["lora", "badit"], [0], "continual")
+    flags = ["--data", str(SUPERNI), "--limit", "32", "--max-len", "512", "--epochs", "3", "--lr", "2e-4",
+             "--eval-limit", "20", "--eval", "after"]
+    return dict(flags=flags, cells=cells, reference="lora")
+
+
+STUDIES = {"classroom": classroom_study, "superni": superni_study}
+
+
+def custom_study(args, train_flags) -> dict:
+    cells = []
+    variants = [("", [])]
+    if args.vary:
+        key, _, values = args.vary.partition("=")
+        if not key or not values:
+            raise InputError(f"--vary {args.vary!r}: give a train.py flag and its values, e.g. --vary lr=1e-4,2e-4.")
+        variants = [(f"{key}={v}", [f"--{key}", v]) for v in names(values)]
+    settings = ["mtl"] + ["single"] * args.single + ["continual"] * args.continual
+    for (variant, flags), setting in itertools.product(variants, settings):
+        cells += grid(args.methods, args.seeds, setting, variant, flags)
+    return dict(flags=train_flags, cells=cells, reference=args.reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running cells
+
+
+def done(cell: Cell, run: Path) -> bool:
+    if cell.kind == "base":
+        return (run / "metrics_base.json").is_file()
+    if cell.kind == "analysis":
+        return (run / "conflict.csv").is_file() and (run / "coactivation.csv").is_file()
+    return (run / "metrics_test.json").is_file()
+
+
+def commands(cell: Cell, study: dict, work: Path, python: list) -> list[list]:
+    """The command lines that run (or continue) a cell."""
+    flags = study["flags"]
+    if cell.kind == "base":  # the base model on the test sets, once for the whole study
+        keep = {"--data": 2, "--tasks": 2, "--eval-limit": 2, "--max-len": 2, "--model": 2, "--device": 2}
+        picked = [f for i, f in enumerate(flags) if f in keep or (i and flags[i - 1] in keep)]
+        picked = [("--limit" if f == "--eval-limit" else f) for f in picked]
+        return [[sys.executable, "eval.py", "evaluate", "--base-only", *picked, "--out", work / cell.id]]
+    if cell.kind == "analysis":
+        run = work / cell.of
+        return [[sys.executable, "eval.py", name, run] for name in ("conflict", "coactivation")]
+    out = work / cell.id
+    if (out / "config.json").is_file():
+        return [python + ["train.py", "--out", out, "--resume"]]
+    return [python + ["train.py", "--out", out, "--method", cell.method, "--seed", str(cell.seed), "--setting",
+                      cell.setting, *flags, *cell.flags]]
+
+
+def progress(run: Path):
+    """(steps done, steps in all) of a running cell, from its newest log.jsonl."""
+    logs = sorted(run.glob("**/log.jsonl"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return 0, 0
+    lines = [json.loads(line) for line in logs[-1].read_text().splitlines() if line.strip()]
+    starts = [e for e in lines if "total_steps" in e]
+    steps = [e["step"] for e in lines if "loss" in e]
+    return (steps[-1] if steps else 0), (starts[-1]["total_steps"] if starts else 0)
+
+
+def run_cell(cell: Cell, study: dict, work: Path, python: list, bar) -> float:
+    """Run (or continue) one cell as subprocesses; their output goes to studies/<name>/logs/<cell>.out."""
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    for cmd in commands(cell, study, work, python):
+        with open(logs / f"{cell.id}.out", "a") as out:
+            out.write(f"\n$ {' '.join(map(str, cmd))}\n")
+            out.flush()
+            # its own session: a Ctrl-C reaches the study only, which passes exactly one on (a second
+            # one would stop train.py without a checkpoint)
+            proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    start_new_session=True)
+            try:
+                while proc.poll() is None:
+                    time.sleep(1)
+                    if cell.kind == "train":
+                        bar.n, bar.total = progress(work / cell.id)
+                        bar.refresh()
+            except KeyboardInterrupt:
+                proc.send_signal(signal.SIGINT)  # train.py saves a checkpoint at the end of its step
+                proc.wait()
+                raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"cell {cell.id} failed (exit {proc.returncode}); see {logs / (cell.id + '.out')}")
+    return time.time() - start
+
+
+def collect(cell: Cell, work: Path, results: Path, seconds: float | None):
+    """Copy a finished cell's small files to results/<name>/cells/<cell>/ (no adapters, no predictions)."""
+    run, dest = work / cell.id, results / "cells" / cell.id
+    dest.mkdir(parents=True, exist_ok=True)
+    if cell.kind == "analysis":
+        for name in ("conflict.csv", "conflict.md", "coactivation.csv", "coactivation.md"):
+            shutil.copy(work / cell.of / name, dest / name)
+    for name in ("config.json", "metrics_test.json", "metrics_base.json", "continual.json", "elrea.json"):
+        if (run / name).is_file():
+            shutil.copy(run / name, dest / name)
+    for log in run.glob("**/log.jsonl"):  # the loss curve and the regroup diagnostics, per phase
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        curve = {"loss": [e["loss"] for e in lines if "loss" in e], "regroups": [
+            {"step": e["step"], **e["regroup"]} for e in lines if "regroup" in e]}
+        name = "curve.json" if log.parent == run else f"curve-{log.parent.relative_to(run).as_posix().replace('/', '-')}.json"
+        (dest / name).write_text(json.dumps(curve))
+    record = json.loads((dest / "cell.json").read_text()) if (dest / "cell.json").is_file() else {}
+    if seconds is not None:
+        record["seconds"] = record.get("seconds", 0) + seconds
+    (dest / "cell.json").write_text(json.dumps({**record, **asdict(cell)}, indent=1))
+
+
+def run_study(name: str, study: dict, launcher: str, nproc: int, base: Path = ROOT):
+    work, results = base / "studies" / name, base / "results" / name
+    results.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(sys.argv)
+    atomic_write(results / "study.json", lambda f: Path(f).write_text(json.dumps(
+        {"command": command, "flags": study["flags"], "reference": study["reference"],
+         "cells": [asdict(c) for c in study["cells"]]}, indent=1)))
+    python = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                 if launcher == "torchrun" else [])
+    cells = study["cells"]
+    overall = tqdm(total=len(cells), desc=f"study {name}", unit="cell", position=0, dynamic_ncols=True)
+    inner = tqdm(total=0, desc="cell", unit="step", position=1, leave=False, dynamic_ncols=True)
+    failed, timed = [], []
+    for cell in cells:
+        run = work / (cell.of if cell.kind == "analysis" else cell.id)
+        if done(cell, work / cell.id if cell.kind != "analysis" else run):
+            if not (results / "cells" / cell.id / "cell.json").is_file():
+                collect(cell, work, results, None)
+            overall.update(1)
+            continue
+        if cell.kind == "analysis" and not done(Cell(cell.of), run):
+            failed.append(f"{cell.id} (its run {cell.of} has not finished)")
+            overall.update(1)
+            continue
+        inner.reset(total=0)
+        inner.set_description(cell.id)
+        try:
+            seconds = run_cell(cell, study, work, python, inner)
+        except RuntimeError as e:
+            failed.append(str(e))
+            tqdm.write(str(e))
+            overall.update(1)
+            continue
+        collect(cell, work, results, seconds)
+        timed.append(seconds)
+        overall.update(1)
+        left = sum(not done(c, work / (c.of if c.kind == "analysis" else c.id)) for c in cells)
+        overall.set_postfix(left=f"~{left * np.mean(timed) / 3600:.1f} h")  # from the cells timed so far
+        write_summary(name, results)
+    inner.close()
+    overall.close()
+    print(write_summary(name, results))
+    if failed:
+        print("not finished:\n  " + "\n  ".join(failed) + f"\nrun `{command}` again to retry them.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The summary, from results/<name>/cells/ alone
+
+
+def paired_permutation_test(diffs, rounds: int = 100_000, seed: int = 0) -> float:
+    """Two-sided sign-flip test of "the mean paired difference is zero": under that hypothesis each
+    difference is as likely negated, so p is the share of sign flips whose |mean| reaches the observed
+    |mean|. Every flip is enumerated for up to 16 pairs; otherwise `rounds` random flips (seeded)."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) <= 16:
+        signs = np.array(list(itertools.product([1, -1], repeat=len(d))))
+    else:
+        signs = np.random.default_rng(seed).choice([1, -1], size=(rounds, len(d)))
+    return float((np.abs((signs * d).mean(1)) >= abs(d.mean()) - 1e-12).mean())
+
+
+def mean_std(values) -> str:
+    if not values:
+        return "-"
+    return f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else " (1 seed)")
+
+
+def load_cells(results: Path) -> list[dict]:
+    cells = []
+    for folder in sorted((results / "cells").glob("*")):
+        if (folder / "cell.json").is_file():
+            cell = json.loads((folder / "cell.json").read_text())
+            for name in ("metrics_test", "metrics_base", "continual", "curve", "elrea"):
+                if (folder / f"{name}.json").is_file():
+                    cell[name] = json.loads((folder / f"{name}.json").read_text())
+            cell["folder"] = folder
+            cells.append(cell)
+    return cells
+
+
+def row_of(c: dict) -> str:
+    return c["method"] + (f" [{c['variant']}]" if c["variant"] else "")
+
+
+def summarise(results: Path) -> dict:
+    """Everything the summary shows, as data: per row (method + variant) and seed, the scores."""
+    study = json.loads((results / "study.json").read_text())
+    cells = load_cells(results)
+    trained = [c for c in cells if c["kind"] == "train" and "metrics_test" in c]
+    rows = list(dict.fromkeys(row_of(c) for c in study["cells"] if c["kind"] == "train"))
+    tasks = list(dict.fromkeys(t for c in trained for t in c["metrics_test"]["per_task"]))
+    out = {"command": study["command"], "reference": study["reference"], "tasks": tasks, "rows": {}}
+    for row in rows:
+        mtl = {c["seed"]: c for c in trained if row_of(c) == row and c["setting"] == "mtl"}
+        single = {c["seed"]: c for c in trained if row_of(c) == row and c["setting"] == "single"}
+        if not mtl and not single:
+            continue
+        r = {"seeds": sorted(mtl), "per_task": {t: [mtl[s]["metrics_test"]["per_task"][t]["rougeL"] for s in sorted(mtl)
+                                                     if t in mtl[s]["metrics_test"]["per_task"]] for t in tasks},
+             "average": [mtl[s]["metrics_test"]["rougeL"] for s in sorted(mtl)],
+             "exact_match": [mtl[s]["metrics_test"]["exact_match"] for s in sorted(mtl)],
+             "task_ids_used": any(c["metrics_test"].get("task_ids_used") for c in mtl.values()),
+             "seconds": [mtl[s].get("seconds") for s in sorted(mtl) if mtl[s].get("seconds")]}
+        if single:
+            r["single_average"] = [single[s]["metrics_test"]["rougeL"] for s in sorted(single)]
+            r["colla"] = [mtl[s]["metrics_test"]["rougeL"] - single[s]["metrics_test"]["rougeL"] for s in sorted(mtl) if s in single]
+        regroups = [c["curve"]["regroups"] for c in mtl.values() if c.get("curve", {}).get("regroups")]
+        if regroups:
+            r["regroups"] = [{k: [g[i][k] for g in regroups] for k in regroups[0][0]} for i in range(len(regroups[0]))]
+        r["curves"] = {s: mtl[s]["curve"]["loss"] for s in sorted(mtl) if "curve" in mtl[s]}
+        out["rows"][row] = r
+    ref = out["rows"].get(study["reference"])
+    for row, r in out["rows"].items():
+        if ref is None or row == study["reference"]:
+            continue
+        diffs = [a - b for a, b in paired(trained, row, study["reference"], tasks)]
+        if diffs:
+            p = paired_permutation_test(diffs)
+            r["against_reference"] = {"pairs": len(diffs), "mean_difference": float(np.mean(diffs)), "p": p}
+    continual = [c for c in trained if c["setting"] == "continual" and "continual" in c]
+    out["continual"] = {row_of(c) + f" (seed {c['seed']})": continual_summary(c) for c in continual}
+    out["analyses"] = {}
+    for c in cells:
+        if c["kind"] == "analysis":
+            out["analyses"][c["method"]] = read_analyses(c["folder"])
+    base = [c for c in cells if c["kind"] == "base" and "metrics_base" in c]
+    if base:
+        out["base"] = base[0]["metrics_base"]
+    return out
+
+
+def paired(trained, row, reference, tasks):
+    """(score, reference score) pairs over seeds x tasks: the same seed, the same task."""
+    ours, theirs = ({(c["seed"], t): c["metrics_test"]["per_task"][t]["rougeL"] for c in trained
+                     if row_of(c) == name and c["setting"] == "mtl" for t in tasks if t in c["metrics_test"]["per_task"]}
+                    for name in (row, reference))
+    return [(ours[k], theirs[k]) for k in sorted(ours) if k in theirs]
+
+
+def continual_summary(c: dict) -> dict:
+    from eval import continual_metrics
+
+    a = c["continual"]["rougeL"]
+    return continual_metrics(a) if a and len(a) == len(a[0]) else {"rows": len(a)}
+
+
+def read_analyses(folder: Path) -> dict:
+    rows = [line.split(",") for line in (folder / "conflict.csv").read_text().splitlines()]
+    C = np.array([[float(x) for x in r[1:]] for r in rows[1:]])
+    off = C[~np.eye(len(C), dtype=bool)]
+    counts = [int(line.split(",")[1]) for line in (folder / "coactivation.csv").read_text().splitlines()[1:]]
+    return {"conflict_mean_cosine": float(off.mean()), "conflict_negative_share": float((off < 0).mean()),
+            "coactivation": counts}
+
+
+def markdown(name: str, s: dict) -> str:
+    rows = s["rows"]
+    heads = list(rows)
+    lines = [f"# Study `{name}`", "", f"Command: `{s['command']}`", "",
+             "ROUGE-L x100 per task, mean ± standard deviation over seeds (sample std); "
+             "a difference counts only beyond seed noise (SPEC section 8).", ""]
+    if not rows:
+        return "\n".join(lines + ["No cell has finished yet."]) + "\n"
+    base = s.get("base")
+    lines += ["| task | " + (" base model |" if base else "") + " | ".join(heads) + " |",
+              "|---" * (len(heads) + 1 + bool(base)) + "|"]
+    for t in s["tasks"]:
+        cells = [mean_std(rows[h]["per_task"].get(t, [])) for h in heads]
+        lines.append(f"| {t} | " + (f"{base['per_task'][t]['rougeL']:.1f} | " if base and t in base["per_task"] else
+                                   "- | " if base else "") + " | ".join(cells) + " |")
+    lines.append("| **average** | " + (f"**{base['rougeL']:.1f}** | " if base else "") +
+                 " | ".join(f"**{mean_std(rows[h]['average'])}**" for h in heads) + " |")
+    lines.append("| exact match | " + (f"{base['exact_match']:.1f} | " if base else "") +
+                 " | ".join(mean_std(rows[h]["exact_match"]) for h in heads) + " |")
+    if any("colla" in r for r in rows.values()):
+        lines.append("| single-task average | " + ("- | " if base else "") + " | ".join(mean_std(rows[h].get("single_average", [])) for h in heads) + " |")
+        lines.append("| colla | " + ("- | " if base else "") + " | ".join(mean_std(rows[h].get("colla", [])) for h in heads) + " |")
+    lines.append("| seeds | " + ("- | " if base else "") + " | ".join(str(len(rows[h]["average"])) for h in heads) + " |")
+    lines.append("| minutes per run | " + ("- | " if base else "") +
+                 " | ".join(f"{np.mean(rows[h]['seconds']) / 60:.1f}" if rows[h]["seconds"] else "-" for h in heads) + " |")
+    if any(r["task_ids_used"] for r in rows.values()):
+        lines.append("\ncgc is CGC-LoRA as implemented here; it is given each test example's task id (an oracle advantage).")
+    lines += ["", f"## Against `{s['reference']}`, paired over seeds x tasks", "",
+              "Sign-flip permutation test of the mean paired difference (same seed, same task); two-sided p.", "",
+              "| method | pairs | mean difference | p | reading |", "|---|---|---|---|---|"]
+    for h in heads:
+        a = rows[h].get("against_reference")
+        if a:
+            reading = ("no difference beyond seed noise" if a["p"] >= 0.05 else
+                       ("better" if a["mean_difference"] > 0 else "worse") + f" than {s['reference']} (p < 0.05)")
+            lines.append(f"| {h} | {a['pairs']} | {a['mean_difference']:+.2f} | {a['p']:.3f} | {reading} |")
+    regrouped = {h: r["regroups"] for h, r in rows.items() if r.get("regroups")}
+    if regrouped:
+        lines += ["", "## Regroup diagnostics (SPEC section 5), mean over seeds", "",
+                  "| run | regroup | step | intra-expert angle before -> after | inter-expert angle before -> after | moved (total) |",
+                  "|---|---|---|---|---|---|"]
+        for h, groups in regrouped.items():
+            for i, g in enumerate(groups):
+                lines.append(f"| {h} | {i + 1} | {np.mean(g['step']):.0f} | {np.mean(g['intra_before']):.1f} -> "
+                             f"{np.mean(g['intra_after']):.1f} | {np.mean(g['inter_before']):.1f} -> "
+                             f"{np.mean(g['inter_after']):.1f} | {np.mean(g['moved']):.0f} |")
+    if s["continual"]:
+        lines += ["", "## Continual setting (ROUGE-L)", "", "| run | AP | Fgt | Bwt |", "|---|---|---|---|"]
+        for h, m in s["continual"].items():
+            lines.append(f"| {h} | " + " | ".join(f"{m[k]:.1f}" if k in m else "-" for k in ("AP", "Fgt", "Bwt")) + " |")
+    if s["analyses"]:
+        lines += ["", "## Interference analyses (seed 0; SPEC section 8)", "",
+                  "| method | task-gradient cosine, mean off-diagonal | negative pairs | co-activation: blocks marked by 1, 2, ... tasks |",
+                  "|---|---|---|---|"]
+        for m, a in s["analyses"].items():
+            lines.append(f"| {m} | {a['conflict_mean_cosine']:+.3f} | {100 * a['conflict_negative_share']:.0f} % | "
+                         f"{', '.join(map(str, a['coactivation'][1:]))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(name: str, results: Path) -> str:
+    s = summarise(results)
+    text = markdown(name, s)
+    atomic_write(results / "summary.md", lambda f: Path(f).write_text(text))
+    atomic_write(results / "summary.json", lambda f: Path(f).write_text(json.dumps(s, indent=1)))
+    plots(s, results)
+    return text
+
+
+def plots(s: dict, results: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = {h: r for h, r in s["rows"].items() if r["average"]}
+    if rows:
+        fig, ax = plt.subplots(figsize=(max(6, len(rows)), 4))
+        ax.bar(range(len(rows)), [np.mean(r["average"]) for r in rows.values()],
+               yerr=[np.std(r["average"], ddof=1) if len(r["average"]) > 1 else 0 for r in rows.values()], capsize=4)
+        ax.set_xticks(range(len(rows)), list(rows), rotation=45, ha="right")
+        ax.set_ylabel("average ROUGE-L (mean ± std over seeds)")
+        fig.tight_layout()
+        fig.savefig(results / "scores.png", dpi=120)
+        plt.close(fig)
+    regrouped = {h: r["regroups"] for h, r in rows.items() if r.get("regroups")}
+    if regrouped:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for h, groups in regrouped.items():
+            steps = [np.mean(g["step"]) for g in groups]
+            for key in ("intra_after", "inter_after"):
+                ax.plot(steps, [np.mean(g[key]) for g in groups], marker="o", label=f"{h}: {key}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("degrees")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(results / "angles.png", dpi=120)
+        plt.close(fig)
+    if s["analyses"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        width = 0.8 / len(s["analyses"])
+        for i, (m, a) in enumerate(s["analyses"].items()):
+            counts = a["coactivation"][1:]
+            ax.bar(np.arange(1, len(counts) + 1) + i * width, counts, width, label=m)
+        ax.set_xlabel("tasks marking the block")
+        ax.set_ylabel("blocks")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(results / "coactivation.png", dpi=120)
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help=f"a named study ({', '.join(STUDIES)}) or the name of a custom grid (--methods ...)")
+    p.add_argument("--summary", action="store_true", help="only rewrite and print the summary of the finished cells")
+    g = p.add_argument_group("a custom grid (train.py flags after --)")
+    g.add_argument("--methods", type=names, help=f"comma-separated, from {', '.join(METHODS)}")
+    g.add_argument("--seeds", type=lambda t: [int(s) for s in names(t)], default=[0, 1, 2], help="default: 0,1,2")
+    g.add_argument("--single", action="store_true", help="also the single-task runs of every method (colla)")
+    g.add_argument("--continual", action="store_true", help="also the continual setting")
+    g.add_argument("--vary", help="one train.py flag over values, e.g. lr=1e-4,2e-4,5e-4: a row per value")
+    g.add_argument("--reference", default="lora", help="the method the others are tested against (default: lora)")
+    g = p.add_argument_group("running")
+    g.add_argument("--launcher", choices=["python", "torchrun"], default="python", help="torchrun: each cell data-parallel")
+    g.add_argument("--nproc", type=int, default=1, help="processes per cell with --launcher torchrun")
+    g.add_argument("--dir", type=Path, default=ROOT, help="where studies/ (the runs) and results/ (what is kept) go "
+                   "(default: the repository)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:split])
+    train_flags = argv[split + 1:]
+
+    results = args.dir / "results" / args.name
+    if args.summary:
+        if not (results / "study.json").is_file():
+            raise InputError(f"{results / 'study.json'} is missing: study {args.name!r} has not run yet.")
+        print(write_summary(args.name, results))
+        return
+    if args.name in STUDIES:
+        if args.methods or train_flags:
+            raise InputError(f"{args.name!r} is a named study with a fixed configuration; give a new name for a custom grid.")
+        study = STUDIES[args.name]()
+    elif args.methods:
+        unknown = sorted(set(args.methods) - set(METHODS))
+        if unknown:
+            raise InputError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
+        study = custom_study(args, train_flags)
+    else:
+        raise InputError(f"{args.name!r} is not a named study ({', '.join(STUDIES)}); for a custom grid give --methods.")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: the cell checkpoints
+    try:
+        run_study(args.name, study, args.launcher, args.nproc, args.dir)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run `python {' '.join(sys.argv)}` again to continue.", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli(main)
