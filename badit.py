@@ -14,6 +14,8 @@ and the methods differ only in N, in how A and B start, and in where c comes fro
     badit-noregroup   K r      top SVD, W -> residual    as loramoe
     badit             K r      top SVD, W -> residual    as loramoe, + regroup() during training (section 5)
     cgc               (Kc + T Ks) r   A kaiming, B = 0   (Kc + Ks) softmax(gate[task]) on the task's experts, 0 elsewhere
+    elrea             M r_lora        M trained LoRAs    1 on the row's own member's block, 0 elsewhere (ELREA's
+                                                         ensemble, one LoRA per batch row; elrea.py builds it)
 
 Then: batched spherical k-means and the exact balanced regrouping of BADIT (section 5), saving
 and loading adapters, a PEFT export for lora and pissa, and merging (cgc per task).
@@ -35,7 +37,8 @@ from tqdm import tqdm
 from data import InputError, MissingFile
 from model import read_json, read_safetensors
 
-METHODS = ("lora", "pissa", "loramoe", "badit-noregroup", "badit", "cgc")
+METHODS = ("lora", "pissa", "loramoe", "badit-noregroup", "badit", "cgc")  # trained by train.py's loop
+ADAPTERS = METHODS + ("elrea",)  # elrea's adapter: the ensemble that elrea.py's pipeline assembles
 SVD_METHODS = ("pissa", "badit-noregroup", "badit")
 
 
@@ -133,6 +136,22 @@ class CGC(Adapter):
         return self.task_coefficients(self.routing.task_ids.to(x.device))
 
 
+class Ensemble(Adapter):
+    """ELREA's C + 1 LoRAs (base + one per cluster) stacked as M blocks of r_lora components (SPEC
+    section 6, step 5): a batch row uses only its own member's block, the member index given per row
+    as routing.task_ids, so that one forward runs every member over the shared base model."""
+
+    def __init__(self, base, members, lora_rank, rank, alpha, dropout, routing):
+        super().__init__(base, members * lora_rank, rank, alpha, dropout)
+        self.members, self.lora_rank, self.routing = members, lora_rank, routing
+
+    def coefficients(self, x):
+        if self.routing.task_ids is None:
+            raise InputError("an elrea ensemble needs the member index of every row: pass task_ids=(B,).")
+        member = F.one_hot(self.routing.task_ids.to(x.device), self.members).float()  # (B, M)
+        return member.repeat_interleave(self.lora_rank, dim=1)  # (B, N): 1 on the row's member's block
+
+
 # ----------------------------------------------------------------------------------------------
 # Initialisation (SPEC sections 3 and 6)
 
@@ -174,15 +193,19 @@ def set_residual(adapter: Adapter):
 
 
 def add_adapters(model, method: str, targets=("gate_proj",), num_experts=6, rank=4, alpha=32.0, dropout=0.05,
-                 lora_rank=None, top_k=None, num_tasks=None, common_experts=4, task_experts=2, init=True) -> dict:
+                 lora_rank=None, top_k=None, num_tasks=None, common_experts=4, task_experts=2, members=None,
+                 init=True) -> dict:
     """Wrap the target linears of a model.py Transformer, freeze everything else (SPEC section 6).
 
     lora and pissa use lora_rank (default num_experts x rank, the same total rank as BADIT).
-    cgc needs num_tasks. Returns (and prints, and keeps as model.adapter_config) the method, its
-    hyperparameters, the trainable-parameter count and the rank active per example.
+    cgc needs num_tasks; elrea (an ensemble of trained LoRAs, filled by elrea.py) needs members.
+    Returns (and prints, and keeps as model.adapter_config) the method, its hyperparameters, the
+    trainable-parameter count and the rank active per example.
     """
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if method not in ADAPTERS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(ADAPTERS)}.")
+    if method == "elrea" and not members:
+        raise InputError("an elrea ensemble needs members (its base LoRA and one LoRA per cluster).")
     if method == "cgc" and not num_tasks:
         raise InputError("cgc needs num_tasks (the number of tasks, each with its own specific experts).")
     if top_k is not None and method != "loramoe":
@@ -197,7 +220,8 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=6, rank
         raise InputError(f"targets {tuple(targets)} match no linear layer; the model's linear layers are named {', '.join(linears)}.")
     lora_rank = lora_rank or num_experts * rank
     config = dict(method=method, targets=list(targets), num_experts=num_experts, rank=rank, alpha=alpha, dropout=dropout,
-                  lora_rank=lora_rank, top_k=top_k, num_tasks=num_tasks, common_experts=common_experts, task_experts=task_experts)
+                  lora_rank=lora_rank, top_k=top_k, num_tasks=num_tasks, common_experts=common_experts, task_experts=task_experts,
+                  members=members)
 
     model.requires_grad_(False)
     for name in tqdm(names, desc=f"{method} adapters", unit="layer", disable=not init or method not in SVD_METHODS):
@@ -207,6 +231,8 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=6, rank
             adapter = LoRA(base, lora_rank, rank, alpha, dropout)
         elif method == "cgc":
             adapter = CGC(base, common_experts, task_experts, num_tasks, rank, alpha, dropout, model.routing)
+        elif method == "elrea":
+            adapter = Ensemble(base, members, lora_rank, rank, alpha, dropout, model.routing)
         else:
             adapter = MoE(base, num_experts, rank, alpha, dropout, model.routing, top_k)
         if method in SVD_METHODS:  # the initial components, which define the frozen residual
@@ -216,7 +242,7 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=6, rank
             svd_init_experts(adapter) if method in SVD_METHODS else kaiming_init(adapter)
         setattr(model.get_submodule(parent), leaf, adapter)
 
-    active = {"lora": lora_rank, "pissa": lora_rank, "cgc": (common_experts + task_experts) * rank}
+    active = {"lora": lora_rank, "pissa": lora_rank, "cgc": (common_experts + task_experts) * rank, "elrea": lora_rank}
     config["active_rank"] = active.get(method, (top_k or num_experts) * rank)
     config["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{method}: {len(names)} layers adapted ({', '.join(targets)}), {config['trainable_params']:,} trainable "

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import elrea
 from badit import adapters_of, load_adapters
 from data import (CLASSROOM, InputError, MissingFile, answer_loss, cli, collate, encode_examples, list_tasks,
                   load_tasks, names, number, positive_int)
@@ -101,23 +102,37 @@ def continual_metrics(a, single=None) -> dict:
 
 
 @torch.no_grad()
-def predict(model, tok, examples, batch_size=64, max_new_tokens=50, use_task_ids=False, desc="generating") -> list[dict]:
-    """Batched greedy generation (longest prompts first, left-padded) -> [{task, id, prompt, references, prediction}]."""
+def predict(model, tok, examples, batch_size=64, max_new_tokens=50, use_task_ids=False, weights=None,
+            desc="generating") -> list[dict]:
+    """Batched greedy generation (longest prompts first, left-padded) -> [{task, id, prompt, references, prediction}].
+
+    weights (n, M): ELREA's ensemble (the model holds a badit.Ensemble of M LoRAs). Each batch then runs
+    as M x B rows, member-major, row a B + b under member a, and every step picks the token of the
+    weighted sum of a query's M rows of logits (elrea.mixer); the weights go into the predictions."""
     was_training = model.training
     model.eval()
     device = model.lm_head.weight.device
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt_ids))
+    members = 1 if weights is None else weights.shape[1]
     out = [None] * len(examples)
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = [examples[i] for i in order[s:s + batch_size]]
+    for s in tqdm(range(0, len(order), max(1, batch_size // members)), desc=desc, unit="batch", leave=False):
+        rows = order[s:s + max(1, batch_size // members)]
+        chunk = [examples[i] for i in rows]
         batch = collate(chunk, tok.pad_token_id, device)
-        ids = generate(model, batch["ids"], batch["mask"], max_new_tokens, tok.stop_token_ids, tok.pad_token_id,
-                       task_ids=batch["task_ids"] if use_task_ids else None)
-        for i, e, row in zip(order[s:s + batch_size], chunk, ids[:, batch["ids"].shape[1]:].tolist()):
+        ids, mask, task_ids, mix = batch["ids"], batch["mask"], batch["task_ids"] if use_task_ids else None, None
+        if weights is not None:
+            ids, mask = ids.repeat(members, 1), mask.repeat(members, 1)
+            task_ids = torch.arange(members, device=device).repeat_interleave(len(chunk))  # each row's member
+            mix = elrea.mixer(weights[rows])
+        generated = generate(model, ids, mask, max_new_tokens, tok.stop_token_ids, tok.pad_token_id, task_ids=task_ids,
+                             mix=mix)[:len(chunk), batch["ids"].shape[1]:]
+        for i, e, row in zip(rows, chunk, generated.tolist()):
             stops = [k for k, t in enumerate(row) if t in tok.stop_token_ids]
             row = row[:stops[0]] if stops else row  # what follows the first EOS is padding
             out[i] = {"task": e.task, "id": e.id, "prompt": tok.decode(e.prompt_ids, skip_special_tokens=False),
                       "references": e.references, "prediction": tok.decode(row).strip()}
+            if weights is not None:
+                out[i]["weights"] = {"base": weights[i, 0].item(), **{f"c{k}": w.item() for k, w in enumerate(weights[i, 1:])}}
     model.train(was_training)
     return out
 
@@ -162,14 +177,14 @@ def read_config(run_dir) -> dict:
     return read_json(file, "the run's configuration is damaged")
 
 
-def load_run(run_dir=None, model_path=None, device=None, dtype=None):
+def load_run(run_dir=None, model_path=None, device=None, dtype=None, adapter=True):
     """(model, tokenizer, adapter config or None): the base model plus the run's final adapter, in the
     precision the run was trained in unless dtype says otherwise."""
     cfg = read_config(run_dir) if run_dir else {}
     path = model_path or cfg.get("model") or DEMO_MODEL
     model = load_model(path, device=device, dtype=dtype or cfg.get("dtype"))
-    adapter = load_adapters(model, run_dir) if run_dir else None
-    return model, load_tokenizer(path), adapter
+    config = load_adapters(model, run_dir) if run_dir and adapter else None
+    return model, load_tokenizer(path), config
 
 
 def test_examples(tok, data, tasks, split="test", limit=None, max_len=1024, max_answer_len=50, all_tasks=None):
@@ -265,13 +280,15 @@ def cmd_evaluate(args):
     tasks = args.tasks or cfg.get("tasks") or list_tasks(data)
     examples = test_examples(load_tokenizer(path), data, tasks, args.split, args.limit,  # the data before the model
                              args.max_len or cfg.get("max_len", 1024), cfg.get("max_answer_len", 50), all_tasks=cfg.get("tasks"))
-    model, tok, adapter = load_run(None if args.base_only else args.run_dir, path, args.device, args.dtype)
+    ensemble = cfg.get("method") == "elrea" and not args.base_only
+    model, tok, adapter = load_run(None if args.base_only else args.run_dir, path, args.device, args.dtype, adapter=not ensemble)
     use_ids = bool(adapter) and adapter["method"] == "cgc"
+    weights = elrea.prepare_ensemble(model, args.run_dir, examples, tok.pad_token_id) if ensemble else None
     out = Path(args.out or args.run_dir or ".")
     out.mkdir(parents=True, exist_ok=True)
     name = "metrics_base" if args.base_only else f"metrics_{args.split}"
     metrics = evaluate(model, tok, examples, out, name, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, use_task_ids=use_ids)
+                       max_new_tokens=args.max_new_tokens, use_task_ids=use_ids, weights=weights)
     print(markdown_table({"base" if args.base_only else cfg.get("method", "run"): metrics}))
     print(f"wrote {out / name}.json, .md and _predictions.jsonl")
 

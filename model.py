@@ -399,12 +399,15 @@ class Transformer(nn.Module):
 
 
 @torch.no_grad()
-def generate(model, input_ids, attention_mask=None, max_new_tokens=50, eos_token_id=None, pad_token_id=None, task_ids=None):
+def generate(model, input_ids, attention_mask=None, max_new_tokens=50, eos_token_id=None, pad_token_id=None, task_ids=None,
+             mix=None):
     """Greedy decoding of a left-padded batch with a KV cache -> ids (B, L + new).
 
     Each row stops at its first EOS (eos_token_id: an id or a list of ids); rows that stopped are
     filled with pad_token_id (default: the first EOS id) until every row has stopped or
     max_new_tokens were produced. Adapters route on the prompt at prefill and keep that gate.
+    mix: maps each step's next-token logits (B, vocab) to the logits the tokens are chosen from
+    (ELREA's ensemble gives every row its query's weighted sum over the members' rows).
     """
     B, L = input_ids.shape
     if attention_mask is None:
@@ -417,7 +420,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=50, eos_token
     logits = model(input_ids, attention_mask, task_ids=task_ids, cache=cache, logits_at=last)  # (B, vocab)
     out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
-        token = logits.argmax(-1)
+        token = (logits if mix is None else mix(logits)).argmax(-1)
         token = torch.where(done, torch.full_like(token, pad), token)
         out.append(token[:, None])
         done |= torch.isin(token, eos)

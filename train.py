@@ -41,6 +41,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import elrea
 from badit import (METHODS, accumulate_regroup_signal, add_adapters, atomic_write, load_adapters, regroup,
                    reset_regroup_signal, routed_adapters, save_adapters)
 from data import (CLASSROOM, InputError, answer_loss, batch_order, cli, collate, encode_examples, list_tasks,
@@ -74,7 +75,8 @@ def parse_args(argv=None):
     g.add_argument("--max-answer-len", type=positive_int, default=50, help="answers are cut to this many tokens (SPEC: 50)")
 
     g = p.add_argument_group("method (SPEC sections 2-6)")
-    g.add_argument("--method", default="badit", choices=METHODS, help="the adapter to train (default: %(default)s)")
+    g.add_argument("--method", default="badit", choices=METHODS + ("elrea",), help="the adapter to train, or elrea's "
+                   "pipeline (elrea.py) (default: %(default)s)")
     g.add_argument("--targets", type=names, default=["gate_proj"], help="comma-separated linear layer names to adapt "
                    "(default: gate_proj)")
     g.add_argument("--num-experts", type=positive_int, default=6, help="K experts of loramoe and badit (default: %(default)s)")
@@ -97,8 +99,20 @@ def parse_args(argv=None):
     g.add_argument("--regroup-signal", default="accumulated", choices=["accumulated", "last"],
                    help="gradients summed since the last regroup (default), or the last step's only (the reference code)")
 
+    g = p.add_argument_group("elrea only (SPEC section 6, elrea.py)")
+    g.add_argument("--clusters", type=positive_int, default=5, help="clusters of training examples asked of spherical "
+                   "k-means; a cluster over 5x the smallest is split again, so there may be more (default: %(default)s)")
+    g.add_argument("--proj-dim", type=positive_int, default=8192, help="dimension of the Rademacher projection of the "
+                   "gradient features (default: %(default)s; the thesis found 512 clearly worse: a smaller value is a "
+                   "classroom shortcut)")
+    g.add_argument("--feature-epochs", type=positive_int, default=2, help="features averaged over the base run's last "
+                   "N epoch ends (default: %(default)s)")
+    g.add_argument("--expert-lr", type=number(float, 0, low_open=True), help="learning rate of the cluster experts "
+                   "(default: 0.4 x --lr, as the thesis)")
+
     g = p.add_argument_group("optimisation (SPEC section 8)")
-    g.add_argument("--setting", default="mtl", choices=["mtl", "continual", "single"], help="see above (default: %(default)s)")
+    g.add_argument("--setting", default="mtl", choices=["mtl", "continual", "single"], help="see above; elrea runs "
+                   "mtl, or single (one ELREA per task: allowed, but pointless and costly) (default: %(default)s)")
     g.add_argument("--epochs", type=positive_int, help="default: 10, classroom 4")
     g.add_argument("--lr", type=number(float, 0, low_open=True), help="AdamW learning rate (default: 2e-4, classroom 1e-3)")
     g.add_argument("--weight-decay", type=number(float, 0), default=0.0, help="AdamW weight decay (default: %(default)s)")
@@ -150,12 +164,18 @@ def parse_args(argv=None):
         p.error(f"--top-k {args.top_k} must be at most --num-experts ({args.num_experts}).")
     if args.method == "cgc" and args.common_experts + args.task_experts == 0:
         p.error("cgc needs at least one expert: --common-experts + --task-experts must be at least 1.")
+    if args.method == "elrea" and args.setting == "continual":
+        p.error("--setting continual is not defined for elrea: it is a multi-task method that clusters the whole "
+                "training set; use --setting mtl or single.")
     recipe = RECIPES["classroom" if args.data == CLASSROOM else "paper"]
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.max_len <= args.max_answer_len:
         p.error(f"--max-len {args.max_len} must exceed --max-answer-len {args.max_answer_len}: the prompt needs room.")
+    if args.method == "elrea" and args.feature_epochs > args.epochs:
+        p.error(f"--feature-epochs {args.feature_epochs} must be at most --epochs {args.epochs}.")
+    args.expert_lr = args.expert_lr or 0.4 * args.lr
     args.tasks = args.tasks or list_tasks(args.data)
     if args.out is None:
         args.out = str(ROOT / "runs" / f"{args.method}-{args.setting}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -543,9 +563,35 @@ def attach_adapters(model, args, ckpt: Path | None = None, task: str | None = No
     return model
 
 
+def train_adapter(model, examples, args, run_dir: Path, rank: int, world: int, task=None, start_from=None, keep_epochs=()):
+    """One ordinary run of the loop in run_dir: the adapters from its checkpoint when resuming, else from
+    start_from (a saved adapter: ELREA's experts start from its base LoRA), else fresh; then train_phase
+    and (rank 0) the final adapter saved in run_dir."""
+    if start_from is not None and checkpoint_folder(run_dir / "checkpoint") is None:
+        load_adapters(model, start_from)
+        torch.manual_seed(init_seed(args.seed, task) + 1 + rank)
+    else:
+        attach_adapters(model, args, run_dir / "checkpoint", task=task, rank=rank)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    train_phase(model, examples, args, run_dir, rank, world, resume=args.resume, keep_epochs=keep_epochs)
+    if rank == 0:
+        save_adapters(model, run_dir)
+
+
+def train_method(model, args, train, run_dir, rank, world, task=None):
+    """The run's method on `train`: the loop once, or ELREA's pipeline over it (which leaves no adapters)."""
+    if args.method == "elrea":
+        return elrea.train_pipeline(model, args, train, run_dir, rank, world,
+                                    lambda m, ex, a, d, **kw: train_adapter(m, ex, a, d, rank, world, task=task, **kw))
+    train_adapter(model, train, args, run_dir, rank, world, task=task)
+
+
 def run_eval(model, tok, args, examples, out_dir, name):
+    """Evaluate the trained adapter (rank 0); ELREA's ensemble first weighs every query (SPEC section 6, step 5)."""
+    weights = elrea.prepare_ensemble(model, out_dir, examples, args.pad_token_id) if args.method == "elrea" else None
     return evaluate(model, tok, examples, out_dir, name, batch_size=args.eval_batch_size,
-                    max_new_tokens=args.max_new_tokens, use_task_ids=args.method == "cgc")
+                    max_new_tokens=args.max_new_tokens, use_task_ids=args.method == "cgc", weights=weights)
 
 
 def encode_data(tok, args):
@@ -572,6 +618,10 @@ def main(argv=None):
         if rank == 0:
             print(f"\n{e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # outside the training loop (data, evaluation, ELREA's features): nothing to save
+        if rank == 0:
+            print(f"\ninterrupted; continue with `python train.py --out {args.out} --resume`.", file=sys.stderr)
+        sys.exit(130)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -616,8 +666,7 @@ def train_and_evaluate(args, rank, world, device, start):
             before = evaluate(model, tok, test, run_dir, "metrics_before", batch_size=args.eval_batch_size,
                               max_new_tokens=args.max_new_tokens)
     if args.setting == "mtl":
-        attach_adapters(model, args, run_dir / "checkpoint" if args.resume else None, rank=rank)
-        train_phase(model, train, args, run_dir, rank, world, resume=args.resume)
+        train_method(model, args, train, run_dir, rank, world)
         after = finish(model, tok, args, test, run_dir, rank)
     elif args.setting == "single":
         after = train_single(model, tok, args, config, train, test, run_dir, rank, world, device)
@@ -631,11 +680,10 @@ def train_and_evaluate(args, rank, world, device, start):
 
 
 def finish(model, tok, args, test, run_dir, rank):
-    """Save the final adapter and evaluate it (rank 0)."""
-    if rank != 0:
+    """Evaluate the final adapter (rank 0)."""
+    if rank != 0 or args.eval == "none":
         return None
-    save_adapters(model, run_dir)
-    return run_eval(model, tok, args, test, run_dir, "metrics_test") if args.eval != "none" else None
+    return run_eval(model, tok, args, test, run_dir, "metrics_test")
 
 
 def train_single(model, tok, args, config, train, test, run_dir, rank, world, device):
@@ -652,8 +700,7 @@ def train_single(model, tok, args, config, train, test, run_dir, rank, world, de
             (task_dir / "config.json").write_text(json.dumps({**config, "tasks": [task], "setting": "single"}, indent=2))
         if model is None:  # a fresh base model for every task after the first
             model = load_model(args.model, device=device, dtype=args.dtype)
-        attach_adapters(model, args, task_dir / "checkpoint" if args.resume else None, task=task, rank=rank)
-        train_phase(model, of_tasks(train, [task]), args, task_dir, rank, world, resume=args.resume)
+        train_method(model, args, of_tasks(train, [task]), task_dir, rank, world, task=task)
         metrics = finish(model, tok, args, of_tasks(test, [task]), task_dir, rank)
         per_task.update(metrics["per_task"] if metrics else {})
         model = None
