@@ -217,7 +217,10 @@ def collect(cell: Cell, work: Path, results: Path, seconds: float | None):
 def run_study(name: str, study: dict, launcher: str, nproc: int, base: Path = ROOT):
     work, results = base / "studies" / name, base / "results" / name
     results.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(sys.argv)
+    argv = sys.argv[1:]
+    if "--dir" in argv:  # where the files go does not change what runs
+        del argv[argv.index("--dir"):argv.index("--dir") + 2]
+    command = "python study.py " + " ".join(argv)
     atomic_write(results / "study.json", lambda f: Path(f).write_text(json.dumps(
         {"command": command, "flags": study["flags"], "reference": study["reference"],
          "cells": [asdict(c) for c in study["cells"]]}, indent=1)))
