@@ -221,6 +221,8 @@ def train_pipeline(model, args, train, run_dir: Path, rank: int, world: int, tra
     from a checkpoint when resuming, or from start_from) and run its training loop. Leaves the model
     without adapters. -> elrea.json's content (clusters, their sizes and task mix, stage times)."""
     check_stages(run_dir)
+    if args.clusters > len(train):
+        raise InputError(f"--clusters {args.clusters} is more than the {len(train)} training examples; lower --clusters.")
     lora = Namespace(**{**vars(args), "method": "lora"})
     record = read_json(run_dir / "elrea.json", INCOMPLETE) if (run_dir / "elrea.json").is_file() else {"seconds": {}}
     start = time.time()

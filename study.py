@@ -214,13 +214,18 @@ def collect(cell: Cell, work: Path, results: Path, seconds: float | None):
     (dest / "cell.json").write_text(json.dumps({**record, **asdict(cell)}, indent=1))
 
 
+def study_command() -> str:
+    """This study's command line as it is recorded; where its files go (--dir) does not change what runs."""
+    argv = sys.argv[1:]
+    if "--dir" in argv:
+        del argv[argv.index("--dir"):argv.index("--dir") + 2]
+    return "python study.py " + " ".join(argv)
+
+
 def run_study(name: str, study: dict, launcher: str, nproc: int, base: Path = ROOT):
     work, results = base / "studies" / name, base / "results" / name
     results.mkdir(parents=True, exist_ok=True)
-    argv = sys.argv[1:]
-    if "--dir" in argv:  # where the files go does not change what runs
-        del argv[argv.index("--dir"):argv.index("--dir") + 2]
-    command = "python study.py " + " ".join(argv)
+    command = study_command()
     atomic_write(results / "study.json", lambda f: Path(f).write_text(json.dumps(
         {"command": command, "flags": study["flags"], "reference": study["reference"],
          "cells": [asdict(c) for c in study["cells"]]}, indent=1)))
@@ -533,7 +538,7 @@ def main(argv=None):
     try:
         run_study(args.name, study, args.launcher, args.nproc, args.dir)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: run `python {' '.join(sys.argv)}` again to continue.", file=sys.stderr)
+        print(f"\ninterrupted: run `{study_command()}` again to continue.", file=sys.stderr)
         sys.exit(130)
 
 

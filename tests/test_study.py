@@ -1,0 +1,109 @@
+"""study.py: the paired test, the summary against a direct computation from the cells' files, and a tiny
+study through the driver, killed mid-cell and restarted."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import study
+from conftest import ROOT
+
+
+def test_paired_permutation_test_known_values():
+    # [1, 2, 3]: of the 8 sign flips only all-plus and all-minus reach |mean| = 2
+    assert study.paired_permutation_test([1, 2, 3]) == pytest.approx(2 / 8)
+    assert study.paired_permutation_test([1, -1, 1, -1]) == 1.0
+    # 20 equal positive differences: only 2 of 2^20 flips reach the mean; the sampled p is near 0
+    assert study.paired_permutation_test([0.5] * 20) < 1e-3
+    noise = np.random.default_rng(0).normal(0, 1, 24)
+    assert study.paired_permutation_test(noise) > 0.05
+
+
+def write_cell(results, id, method, seed, setting="mtl", variant="", scores=None):
+    folder = results / "cells" / id
+    folder.mkdir(parents=True)
+    cell = dict(id=id, method=method, seed=seed, setting=setting, variant=variant, flags=[], kind="train", of="", seconds=60.0)
+    (folder / "cell.json").write_text(json.dumps(cell))
+    per_task = {t: {"rougeL": s, "exact_match": 0.0, "n": 4} for t, s in scores.items()}
+    (folder / "metrics_test.json").write_text(json.dumps({"per_task": per_task, "rougeL": float(np.mean(list(scores.values()))),
+                                                          "exact_match": 0.0}))
+    return cell
+
+
+def test_the_summary_equals_a_direct_computation(tmp_path):
+    rng = np.random.default_rng(1)
+    cells = []
+    for method in ("lora", "badit"):
+        for seed in (0, 1, 2):
+            for setting in ("mtl", "single"):
+                scores = {t: float(rng.uniform(20, 90)) for t in ("a", "b")}
+                suffix = "" if setting == "mtl" else "-single"
+                cells.append(write_cell(tmp_path, f"{method}{suffix}-s{seed}", method, seed, setting, scores=scores))
+    (tmp_path / "study.json").write_text(json.dumps({"command": "python study.py test", "flags": [], "reference": "lora", "cells": cells}))
+    s = study.summarise(tmp_path)
+    read = lambda id: json.loads((tmp_path / "cells" / id / "metrics_test.json").read_text())  # noqa: E731
+    for method in ("lora", "badit"):
+        mtl = [read(f"{method}-s{seed}") for seed in (0, 1, 2)]
+        single = [read(f"{method}-single-s{seed}") for seed in (0, 1, 2)]
+        row = s["rows"][method]
+        assert row["per_task"]["a"] == [m["per_task"]["a"]["rougeL"] for m in mtl]
+        assert np.mean(row["average"]) == pytest.approx(np.mean([m["rougeL"] for m in mtl]))
+        assert np.std(row["average"], ddof=1) == pytest.approx(np.std([m["rougeL"] for m in mtl], ddof=1))
+        assert row["colla"] == pytest.approx([m["rougeL"] - x["rougeL"] for m, x in zip(mtl, single)])
+    diffs = [read(f"badit-s{seed}")["per_task"][t]["rougeL"] - read(f"lora-s{seed}")["per_task"][t]["rougeL"]
+             for seed in (0, 1, 2) for t in ("a", "b")]
+    against = s["rows"]["badit"]["against_reference"]
+    assert against["pairs"] == 6 and against["mean_difference"] == pytest.approx(np.mean(diffs))
+    assert against["p"] == pytest.approx(study.paired_permutation_test(diffs))
+    text = study.markdown("test", s)
+    mean, std = np.mean([m["rougeL"] for m in (read(f"badit-s{seed}") for seed in (0, 1, 2))]), None
+    assert f"**{mean:.1f} ± " in text and "colla" in text
+
+
+TINY = ["--data", "classroom", "--tasks", "sort_ascending,sort_descending", "--limit", "8", "--batch-size", "4",
+        "--epochs", "3", "--eval-limit", "2", "--max-new-tokens", "4", "--dtype", "float32"]
+
+
+def run_study(tiny_trainable, base, wait_for_step=None):
+    cmd = [sys.executable, str(ROOT / "study.py"), "tiny", "--dir", str(base), "--methods", "lora,badit", "--seeds", "0,1",
+           "--single", "--", "--model", str(tiny_trainable), *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if wait_for_step is None:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    log = base / "studies" / "tiny" / "badit-s0" / "log.jsonl"  # the third cell
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and log.read_text().count('"loss"') >= wait_for_step):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # as a Ctrl-C to the study
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "run `python study.py tiny" in err
+
+
+@pytest.mark.slow
+def test_a_tiny_study_survives_being_stopped_mid_cell(tiny_trainable, tmp_path):
+    run_study(tiny_trainable, tmp_path / "whole")
+    run_study(tiny_trainable, tmp_path / "cut", wait_for_step=2)
+    ckpt = tmp_path / "cut" / "studies" / "tiny" / "badit-s0" / "checkpoint" / "trainer.json"
+    assert ckpt.is_file() and not (tmp_path / "cut" / "studies" / "tiny" / "badit-s0" / "metrics_test.json").exists()
+    run_study(tiny_trainable, tmp_path / "cut")
+    summaries = [json.loads((tmp_path / d / "results" / "tiny" / "summary.json").read_text()) for d in ("whole", "cut")]
+    for s in summaries:
+        for row in s["rows"].values():
+            row.pop("seconds")
+    assert summaries[0] == summaries[1]
+    assert set(summaries[0]["rows"]) == {"lora", "badit"} and summaries[0]["rows"]["badit"]["colla"]
+    cells = sorted(p.name for p in (tmp_path / "cut" / "results" / "tiny" / "cells").iterdir())
+    assert cells == sorted(f"{m}{s}-s{seed}" for m in ("lora", "badit") for s in ("", "-single") for seed in (0, 1))
+    assert not list((tmp_path / "cut" / "results").rglob("*.safetensors"))  # no adapters in results/
+    text = (tmp_path / "cut" / "results" / "tiny" / "summary.md").read_text()
+    assert text.startswith("# Study `tiny`") and "Command: `python study.py tiny --methods lora,badit" in text
