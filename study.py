@@ -387,8 +387,8 @@ def markdown(name: str, s: dict) -> str:
     if not rows:
         return "\n".join(lines + ["No cell has finished yet."]) + "\n"
     base = s.get("base")
-    lines += ["| task | " + (" base model |" if base else "") + " | ".join(heads) + " |",
-              "|---" * (len(heads) + 1 + bool(base)) + "|"]
+    columns = ["task"] + (["base model"] if base else []) + heads
+    lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for t in s["tasks"]:
         cells = [mean_std(rows[h]["per_task"].get(t, [])) for h in heads]
         lines.append(f"| {t} | " + (f"{base['per_task'][t]['rougeL']:.1f} | " if base and t in base["per_task"] else

@@ -1,10 +1,16 @@
-"""Loader and greedy generation: ours against Hugging Face transformers on the demo model.
+"""Loader and greedy generation: ours against Hugging Face transformers on the demo model, in float32 and
+in bf16 (bf16 weights; ours autocasts itself, HF's generate runs under the same torch.autocast).
 
-CPU, float32, a batch of 8 SuperNI prompts (left-padded), 50 new tokens, EOS ignored so both
-produce exactly 50 tokens per row. Prints load time, tokens/s and their ratios, and checks
-that both produced the same tokens.
+A batch of SuperNI test prompts (left-padded), --new-tokens new tokens with EOS ignored, so both produce
+exactly that many tokens per row. Prints load time, tokens/s, their ratios, the achieved matmul FLOP
+rate as a fraction of the peak a large matmul of the same dtype reaches in this process, and whether
+both produced the same tokens (in float32 they must; bf16 rounding may flip a near-tie). Also prints
+how much of the evaluation's prefill is padding: eval.py sorts SuperNI's test prompts by length
+before cutting them into batches.
 
-    python bench/bench_generate.py [--model checkpoints/SmolLM2-135M-Instruct] [--repeats 3]
+    python bench/bench_generate.py [--batch 8] [--new-tokens 50] [--repeats 3] [--dtypes float32,bfloat16]
+
+Target: ours >= 1.2x HF's tokens/s in both precisions.
 """
 
 import argparse
@@ -15,9 +21,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from conftest import left_pad, superni_prompts  # noqa: E402
-from model import generate, load_model, load_tokenizer  # noqa: E402
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+from bench_train import matmul_peak  # noqa: E402
+from conftest import SUPERNI, left_pad, superni_prompts  # noqa: E402
+from data import collate, encode_examples, list_tasks, load_tasks  # noqa: E402
+from model import generate, load_model, load_tokenizer, read_model_args  # noqa: E402
 
 
 def timed(fn):
@@ -26,44 +34,81 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def generation_flops(cfg, lengths, new_tokens) -> float:
+    """Matmul FLOPs of greedy decoding a left-padded batch: the prefill over the padded batch (vocabulary
+    projection at the last position), then one position per row and step, attending to the cache."""
+    B, L = len(lengths), max(lengths)
+    d, h, kv, hd, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim
+    linear = cfg.n_layers * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f)
+    head = d * cfg.vocab_size
+    flops = 2 * B * L * linear + cfg.n_layers * 4 * B * h * L * L * hd + 2 * B * head
+    for t in range(1, new_tokens):
+        flops += 2 * B * (linear + head) + cfg.n_layers * 4 * B * h * (L + t) * hd
+    return flops
+
+
+def prefill_padding(tok, batch_size=64, eval_limit=20, max_len=512) -> float:
+    """Share of the prefill positions that are padding when eval.py runs SuperNI's test sets."""
+    tasks = load_tasks(SUPERNI, list_tasks(SUPERNI), "test", eval_limit)
+    examples = sorted(encode_examples(tok, tasks, [t.name for t in tasks], max_len, train=False), key=lambda e: -len(e.prompt_ids))
+    real = padded = 0
+    for s in range(0, len(examples), batch_size):
+        x = collate(examples[s:s + batch_size], tok.pad_token_id)
+        real, padded = real + int(x["mask"].sum()), padded + x["mask"].numel()
+    return 1 - real / padded
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3, help="generation runs per side; the best is reported")
+    p.add_argument("--dtypes", default="float32,bfloat16")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(args.model)
     ids, mask = left_pad([tok.encode(t) for t in superni_prompts(args.batch)], tok.pad_token_id)
+    lengths = mask.sum(1).tolist()
+    cfg = read_model_args(args.model)
     print(f"batch {tuple(ids.shape)} ({int(mask.sum())} prompt tokens), {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"prefill padding of SuperNI's test sets in eval.py's batches of 64 (20 per task, max 512 tokens): "
+          f"{100 * prefill_padding(tok):.1f} %")
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name)
+        ours, ours_load = timed(lambda: load_model(args.model, device="cpu", dtype=dtype))
+        hf, hf_load = timed(lambda: AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval())
+        hf.generation_config.eos_token_id = None  # run all steps, like ours with eos_token_id=None
 
-    ours, ours_load = timed(lambda: load_model(args.model, device="cpu", dtype=torch.float32))
-    hf, hf_load = timed(lambda: AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval())
-    hf.generation_config.eos_token_id = None  # run all steps, like ours with eos_token_id=None
+        def run_ours():
+            return generate(ours, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=tok.pad_token_id)
 
-    def run_ours():
-        return generate(ours, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=tok.pad_token_id)
+        def run_hf():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                return hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
+                                   pad_token_id=tok.pad_token_id)
 
-    def run_hf():
-        with torch.no_grad():
-            return hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
-                               pad_token_id=tok.pad_token_id)
-
-    times = {"ours": [], "hf": []}
-    for _ in range(args.repeats):  # alternate, so both see the same machine state
-        out_ours, t = timed(run_ours)
-        times["ours"].append(t)
-        out_hf, t = timed(run_hf)
-        times["hf"].append(t)
-    n_new = args.batch * args.new_tokens
-    tps = {k: n_new / min(v) for k, v in times.items()}
-    print(f"load      ours {ours_load:6.2f} s   hf {hf_load:6.2f} s   ratio (hf/ours) {hf_load / ours_load:5.2f}x")
-    print(f"generate  ours {tps['ours']:6.1f} tok/s  hf {tps['hf']:6.1f} tok/s  ratio (ours/hf) {tps['ours'] / tps['hf']:5.2f}x  (target >= 1.0x)")
-    same = torch.equal(out_ours, out_hf)
-    print(f"same tokens as hf: {same}")
+        times = {"ours": [], "hf": []}
+        for _ in range(args.repeats):  # alternate, so both see the same machine state
+            out_ours, t = timed(run_ours)
+            times["ours"].append(t)
+            out_hf, t = timed(run_hf)
+            times["hf"].append(t)
+        n_new = args.batch * args.new_tokens
+        tps = {k: n_new / min(v) for k, v in times.items()}
+        peak = matmul_peak(dtype, torch.device("cpu"))
+        flops = generation_flops(cfg, lengths, args.new_tokens)
+        print(f"{name:8s} load      ours {ours_load:6.2f} s   hf {hf_load:6.2f} s   ratio (hf/ours) {hf_load / ours_load:5.2f}x")
+        print(f"{name:8s} generate  ours {tps['ours']:6.1f} tok/s  hf {tps['hf']:6.1f} tok/s  ratio (ours/hf) "
+              f"{tps['ours'] / tps['hf']:5.2f}x  (target >= 1.2x)")
+        print(f"{name:8s} matmul    ours {flops / min(times['ours']) / 1e9:6.1f} GFLOP/s = "
+              f"{100 * flops / min(times['ours']) / peak:4.1f} %, hf {100 * flops / min(times['hf']) / peak:4.1f} % of the "
+              f"measured {peak / 1e9:.0f} GFLOP/s peak")
+        new = slice(ids.shape[1], None)
+        print(f"{name:8s} same tokens as hf: {torch.equal(out_ours, out_hf)} "
+              f"({(out_ours[:, new] == out_hf[:, new]).float().mean().item():.1%} of the new tokens)")
 
 
 if __name__ == "__main__":

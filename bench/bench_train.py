@@ -1,18 +1,23 @@
-"""Full training steps on the demo model with SuperNI batches: ours against HF transformers + PEFT.
+"""Full training steps on the demo model with SuperNI batches: ours against HF transformers + PEFT, in
+float32 and in bf16, each figure also as a fraction of the machine's measured matmul peak.
 
-Each side runs in its own process (so peak memory is its own): the same global batches from
-data.py (SuperNI training instances of every task, SPEC prompt, answer + EOS, --max-len), AdamW,
-gradient clipping 1.0, dropout 0.05, LoRA of rank K r = 24 on gate_proj (alpha 32), float32 on the
-CPU or bfloat16 autocast on CUDA. A step is forward + loss on the answer tokens + backward + clip +
-optimizer step. Ours is train.py's step (logits only where the loss needs them); PEFT's is
-`model(..., labels=...)` with -100 outside the answer. Also timed: our BADIT (K=6, r=4) step.
+Each side runs in its own process (so peak memory is its own): the same global batches from data.py
+(SuperNI training instances of every task, SPEC prompt, answer + EOS, --max-len, plain shuffling),
+AdamW, gradient clipping 1.0, dropout 0.05, LoRA of rank K r = 24 on gate_proj, and the same
+precision on both sides: float32, or bf16 weights with torch.autocast (CUDA, or a CPU with native bf16)
+and float32 adapters. A step is forward + loss on the answer tokens + backward + clip + optimizer step.
+Ours is train.py's step (logits only where the loss needs them); PEFT's is `model(..., labels=...)`.
+Also timed: our BADIT (K = 6, r = 4) step.
 
-    python bench/bench_train.py [--max-len 256] [--batch-size 8] [--steps 5] [--device cpu]
+    python bench/bench_train.py [--max-len 256] [--batch-size 8] [--steps 5] [--dtypes float32,bfloat16]
 
-Prints tokens/s and peak memory per side and the ratios. Targets: ours / PEFT >= 1.3x tokens/s,
-<= 1.0x peak memory; BADIT / LoRA step time <= 1.10. Peak memory is CUDA's max_memory_allocated on a
-GPU; on the CPU it is the resident set's peak during the steps above its level before the first
-step (sampled every 2 ms), the working memory of training beyond the loaded model.
+Per side: tokens/s, peak memory, and the achieved matmul FLOP rate against the peak that a large
+matmul of the same dtype reaches in the same process. The FLOPs are those a step must do, counted the
+same for every side: the linears, attention and adapters over the padded batch, forward and the
+backward to the inputs (the base weights are frozen), and the vocabulary projection at the answer
+tokens only. Targets: ours / PEFT >= 1.3x tokens/s and <= 1.0x peak memory in both precisions;
+BADIT / LoRA step time <= 1.10. Peak memory is CUDA's max_memory_allocated on a GPU; on the CPU the
+resident set's peak during the steps above its level before the first (sampled every 2 ms).
 """
 
 import argparse
@@ -27,9 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data import batch_order, collate, encode_examples, load_tasks  # noqa: E402
-from model import load_model, load_tokenizer  # noqa: E402
-from train import answer_loss  # noqa: E402
+from data import answer_loss, batch_order, collate, encode_examples, load_tasks  # noqa: E402
+from model import load_model, load_tokenizer, read_model_args  # noqa: E402
 
 SUPERNI = ROOT.parent / "shared" / "data" / "superni"
 
@@ -58,15 +62,38 @@ class PeakRSS:
         self.thread.join()
 
 
+def matmul_peak(dtype, device, size=2048, repeats=10) -> float:
+    """FLOP/s of the best of `repeats` (size x size) @ (size x size) matmuls: this machine's practical peak."""
+    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def step_flops(cfg, x, rank=24) -> float:
+    """The matmul FLOPs a training step must do (see the module docstring), forward and backward."""
+    B, L = x["ids"].shape
+    T = B * L
+    d, h, kv, hd, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim
+    linear = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f  # q, k, v, o, gate, up, down
+    forward = cfg.n_layers * (2 * T * linear + 4 * B * h * L * L * hd + 2 * T * rank * (d + f))
+    loss_tokens = int(x["answer"].sum())
+    head = 2 * loss_tokens * d * cfg.vocab_size
+    return 2 * (forward + head)  # backward to the inputs costs what the forward costs (frozen weights)
+
+
 def batches(tok, args, device):
     tasks = load_tasks(args.data, None, "train", limit=args.batch_size * (args.steps + args.warmup))
     examples = encode_examples(tok, tasks, [t.name for t in tasks], args.max_len, seed=0)
     order = batch_order(examples, args.batch_size, seed=0, epoch=0)[:args.steps + args.warmup]
     return [collate([examples[i] for i in b], tok.pad_token_id, device) for b in order]
-
-
-def ours_step(model, x):
-    return answer_loss(model, x) / x["answer"].sum()
 
 
 def peft_step(model, x):
@@ -76,55 +103,64 @@ def peft_step(model, x):
 
 
 def run_side(args):
-    """One side in this process -> JSON line with seconds per step, tokens/s and peak memory."""
+    """One side in this process -> JSON line with seconds per step, tokens/s, FLOP rate and peak memory."""
     torch.manual_seed(0)
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    bf16 = dtype == torch.bfloat16
     tok = load_tokenizer(args.model)
     data = batches(tok, args, device)
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
     if args.side == "peft":
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
-        model = get_peft_model(model, LoraConfig(r=24, lora_alpha=32, lora_dropout=0.05, target_modules=["gate_proj"]))
-        step = peft_step
+        # PEFT scales by lora_alpha / r: 192 / 24 = 8, our alpha / r = 32 / 4 (SPEC section 6)
+        model = get_peft_model(model, LoraConfig(r=24, lora_alpha=192, lora_dropout=0.05, target_modules=["gate_proj"]))
+
+        def step(x):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the same autocast as ours
+                return peft_step(model, x)
     else:
         from badit import add_adapters
 
-        model = load_model(args.model, device=device, dtype=dtype)
+        model = load_model(args.model, device=device, dtype=dtype)  # bf16 weights: our forward autocasts itself
         add_adapters(model, args.side, num_experts=6, rank=4, alpha=32, dropout=0.05)
-        step = ours_step
+
+        def step(x):
+            return answer_loss(model, x) / x["answer"].sum()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params), "adapters must be float32"
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
 
     def one(x):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = step(model, x)
-        loss.backward()
+        step(x).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize()
 
     for x in data[:args.warmup]:
         one(x)
-    if cuda:
+    peak_flops = matmul_peak(dtype, device)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     base = rss_bytes()
-    times, tokens = [], 0
+    times, tokens, flops = [], 0, 0.0
+    cfg = read_model_args(args.model)
     with PeakRSS() as peak:
         for x in data[args.warmup:]:
             start = time.perf_counter()
             one(x)
             times.append(time.perf_counter() - start)
             tokens += int(x["mask"].sum())
-    memory = torch.cuda.max_memory_allocated() if cuda else peak.peak - base
-    print(json.dumps(dict(side=args.side, seconds=sum(times), steps=len(times), tokens=tokens,
-                          tokens_per_s=tokens / sum(times), peak_memory=memory)))
+            flops += step_flops(cfg, x)
+    memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak.peak - base
+    print(json.dumps(dict(side=args.side, dtype=args.dtype, seconds=sum(times), steps=len(times), tokens=tokens,
+                          tokens_per_s=tokens / sum(times), flops_per_s=flops / sum(times), peak_flops=peak_flops,
+                          peak_memory=memory)))
 
 
 def main():
@@ -136,25 +172,28 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (after --warmup steps)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     p.add_argument("--side", choices=["lora", "badit", "peft"], help=argparse.SUPPRESS)  # a child process
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
         return run_side(args)
 
     print(f"demo model, SuperNI batches of {args.batch_size}, max length {args.max_len}, {args.steps} timed steps "
           f"after {args.warmup}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    results = {}
-    for side in ("lora", "peft", "badit"):
-        cmd = [sys.executable, __file__, "--side", side] + sys.argv[1:]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
-        results[side] = r
-        print(f"{side:6s} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds'] / r['steps']:6.2f} s/step  "
-              f"peak memory {r['peak_memory'] / 2**20:8.1f} MiB")
-    ours, peft = results["lora"], results["peft"]
-    print(f"ours / PEFT LoRA tokens/s:   {ours['tokens_per_s'] / peft['tokens_per_s']:.2f}x (target >= 1.3)")
-    print(f"ours / PEFT LoRA peak memory: {ours['peak_memory'] / peft['peak_memory']:.2f}x (target <= 1.0)")
-    print(f"BADIT / LoRA step time:       {results['lora']['tokens_per_s'] / results['badit']['tokens_per_s']:.3f} (target <= 1.10)")
+    for dtype in args.dtypes.split(","):
+        results = {}
+        for side in ("lora", "peft", "badit"):
+            cmd = [sys.executable, __file__, "--side", side, "--dtype", dtype] + sys.argv[1:]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            r = results[side] = json.loads(out.strip().splitlines()[-1])
+            print(f"{dtype:8s} {side:5s} {r['tokens_per_s']:7.1f} tokens/s  {r['seconds'] / r['steps']:5.2f} s/step  "
+                  f"peak memory {r['peak_memory'] / 2**20:7.1f} MiB  matmul {r['flops_per_s'] / 1e9:6.1f} GFLOP/s = "
+                  f"{100 * r['flops_per_s'] / r['peak_flops']:4.1f} % of the measured {r['peak_flops'] / 1e9:.0f} GFLOP/s peak")
+        ours, peft = results["lora"], results["peft"]
+        print(f"{dtype:8s} ours / PEFT LoRA tokens/s:    {ours['tokens_per_s'] / peft['tokens_per_s']:.2f}x (target >= 1.3)")
+        print(f"{dtype:8s} ours / PEFT LoRA peak memory: {ours['peak_memory'] / peft['peak_memory']:.2f}x (target <= 1.0)")
+        print(f"{dtype:8s} BADIT / LoRA step time:        {ours['tokens_per_s'] / results['badit']['tokens_per_s']:.3f} (target <= 1.10)")
 
 
 if __name__ == "__main__":

@@ -258,3 +258,28 @@ def test_bad_elrea_input(tiny_trainable, tmp_path, capsys):
         cli(lambda: train.main(["--out", str(tmp_path / "run"), "--resume"]))
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "base/adapter.safetensors is missing although" in err and "features.safetensors exists" in err
+
+
+def test_elrea_under_torchrun_does_not_depend_on_the_world_size(tiny_trainable, tmp_path):
+    """Stages 1 and 4 data-parallel, the features on rank 0: the same clusters and predictions as one process."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    outs = {}
+    for nproc in (1, 2):
+        out = tmp_path / str(nproc)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train.py"),
+               "--model", str(tiny_trainable), "--out", str(out), *FAST, "--dropout", "0"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        outs[nproc] = out
+    records = [json.loads((outs[n] / "elrea.json").read_text()) for n in (1, 2)]
+    assert records[0]["sizes"] == records[1]["sizes"] and records[0]["task_mix"] == records[1]["task_mix"]
+    from safetensors.torch import load_file
+
+    labels = [load_file(outs[n] / "clusters.safetensors")["labels"] for n in (1, 2)]
+    assert torch.equal(labels[0], labels[1])
+    predictions = [[p["prediction"] for p in final(outs[n])[1]] for n in (1, 2)]
+    assert predictions[0] == predictions[1]

@@ -72,3 +72,21 @@ def test_conflict_matrix_and_coactivation():
     gc = w.clone()
     gc[32:, 32:] = 1
     assert coactivation_histogram({"a": [ga], "b": [gb], "c": [gc]}) == [2, 1, 1, 0]
+
+
+def test_coactivation_marks_the_top_blocks_of_every_matrix():
+    """SPEC section 8: the top 10 % blocks per weight matrix, so that a layer with 100x larger gradients
+    does not take every mark (marking over all layers at once, it would)."""
+    g = torch.Generator().manual_seed(0)
+    small, large = torch.rand(320, 320, generator=g), 100 * torch.rand(320, 320, generator=g)  # 100 blocks each
+    counts = coactivation_histogram({"a": [small, large]})
+    assert counts == [200 - 20, 20]  # 10 blocks in each matrix
+    one = torch.zeros(320, 320)
+    one[:32, :32] = 1  # task b's gradient sits in one block of the small matrix only
+    counts = coactivation_histogram({"a": [small, large], "b": [one, large]})
+    assert sum(counts[1:]) >= 11 and counts[2] >= 10  # both tasks mark the large matrix's top blocks
+
+
+def test_continual_metrics_refuse_a_partial_matrix():
+    with pytest.raises(ValueError, match="full T x T score matrix; this one has 1 row"):
+        continual_metrics([[50, 10, 20]])
