@@ -239,18 +239,18 @@ def batch_order(examples: list[Example], batch_size: int, seed: int, epoch: int,
 
 
 def collate(examples: list[Example], pad_id: int, device="cpu") -> dict:
-    """Left-padded tensors (B, L): ids, attention mask, route mask (prompt), answer mask (loss); task ids (B,)."""
+    """Tensors (B, L) padded on the right (attention then takes the fused causal path, model.py): ids,
+    attention mask, route mask (prompt), answer mask (loss); task ids (B,)."""
     L = max(len(e) for e in examples)
     B = len(examples)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
     mask, route, answer = (torch.zeros(B, L, dtype=torch.long) for _ in range(3))
     for b, e in enumerate(examples):
         seq = e.prompt_ids + e.answer_ids
-        start, split = L - len(seq), L - len(e.answer_ids)
-        ids[b, start:] = torch.tensor(seq)
-        mask[b, start:] = 1
-        route[b, start:split] = 1
-        answer[b, split:] = 1
+        ids[b, :len(seq)] = torch.tensor(seq)
+        mask[b, :len(seq)] = 1
+        route[b, :len(e.prompt_ids)] = 1
+        answer[b, len(e.prompt_ids):len(seq)] = 1
     task_ids = torch.tensor([e.task_id for e in examples])
     return {k: v.to(device) for k, v in dict(ids=ids, mask=mask, route=route, answer=answer, task_ids=task_ids).items()}
 

@@ -35,15 +35,16 @@ def timed(fn):
 
 
 def generation_flops(cfg, lengths, new_tokens) -> float:
-    """Matmul FLOPs of greedy decoding a left-padded batch: the prefill over the padded batch (vocabulary
-    projection at the last position), then one position per row and step, attending to the cache."""
-    B, L = len(lengths), max(lengths)
+    """The matmul FLOPs greedy decoding must do, the same for both sides: the prefill of each row's real
+    tokens (causal attention, the vocabulary projection at its last token), then one position per row
+    and step attending to the row's tokens so far. Padding is not counted: work on it is waste."""
     d, h, kv, hd, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim
     linear = cfg.n_layers * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f)
     head = d * cfg.vocab_size
-    flops = 2 * B * L * linear + cfg.n_layers * 4 * B * h * L * L * hd + 2 * B * head
-    for t in range(1, new_tokens):
-        flops += 2 * B * (linear + head) + cfg.n_layers * 4 * B * h * (L + t) * hd
+    flops = 0
+    for n in lengths:
+        flops += 2 * n * linear + cfg.n_layers * 2 * h * n * n * hd + 2 * head
+        flops += sum(2 * (linear + head) + cfg.n_layers * 4 * h * (n + t) * hd for t in range(1, new_tokens))
     return flops
 
 

@@ -75,8 +75,7 @@ def test_collate_masks_and_task_ids(tok):
     L = max(len(e) for e in examples)
     assert x["ids"].shape == (6, L)
     for b, e in enumerate(examples):
-        n_pad = L - len(e)
-        assert x["mask"][b, :n_pad].sum() == 0 and x["mask"][b, n_pad:].all()  # left padding
+        assert x["mask"][b, :len(e)].all() and x["mask"][b, len(e):].sum() == 0  # padding on the right
         assert x["ids"][b, x["route"][b].bool()].tolist() == e.prompt_ids
         assert x["ids"][b, x["answer"][b].bool()].tolist() == e.answer_ids
     assert x["task_ids"].tolist() == [1, 1, 1, 0, 0, 0]

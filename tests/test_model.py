@@ -25,6 +25,22 @@ def test_logits_match_transformers(tiny_checkpoints, name):
     torch.testing.assert_close(ours[real], ref[real], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["llama3", "qwen2", "gemma2"])
+def test_right_padding_takes_the_causal_path_and_matches_left_padding(tiny_checkpoints, name):
+    """data.py pads on the right, where attention runs causal with no mask: the same logits as the
+    masked path on the same rows padded on the left (windows and soft-caps included)."""
+    from model import attention_masks, right_aligned
+
+    model = load_model(tiny_checkpoints[name], dtype=torch.float32)
+    ids, mask = left_padded_batch(LENGTHS)
+    right_ids, right_mask = right_aligned(ids, mask)
+    masks = attention_masks(right_mask, 0, right_ids.shape[1], model.windows)
+    assert masks[None] is None and all(m is not None for w, m in masks.items() if w is not None)
+    left, right = model(ids, mask), model(right_ids, right_mask)
+    for b, n in enumerate(LENGTHS):
+        torch.testing.assert_close(right[b, :n], left[b, -n:], atol=1e-5, rtol=0)
+
+
 def test_row_is_independent_of_its_padding(tiny_checkpoints):
     model = load_model(tiny_checkpoints["gemma2"], device="cpu", dtype=torch.float32)
     ids, mask = left_padded_batch(LENGTHS)
@@ -90,7 +106,9 @@ def test_routing_reaches_linears_per_model(tiny_checkpoints):
     a.layers[1].mlp.gate_proj = probe
     ids, mask = left_padded_batch(LENGTHS)
     generate(a, ids, mask, max_new_tokens=3)
-    assert torch.equal(probe.seen[0], mask) and probe.seen[1:] == [None, None]
+    prefill = [m for m in probe.seen if m is not None]  # the prompts, in groups of rows of similar length
+    assert sorted(int(n) for m in prefill for n in m.sum(1)) == sorted(LENGTHS)
+    assert probe.seen[len(prefill):] == [None, None]
     route = mask.clone()
     route[:, -2:] = 0  # e.g. the answer tokens of a training batch
     b(ids, mask, route_mask=torch.ones_like(mask))

@@ -430,3 +430,30 @@ def test_resume_is_bitwise_in_bf16(tiny_trainable, tmp_path, monkeypatch):
     train.main(["--out", str(tmp_path / "cut"), "--resume"])
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     assert all(torch.equal(a, b) for a, b in zip(adapter_state_of(tmp_path / "full"), adapter_state_of(tmp_path / "cut")))
+
+
+def test_micro_batches_split_uneven_batches_by_length():
+    class Row:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    def split(lengths, most=8, call_cost=64):
+        return [[len(r) for r in part] for part in train.micro_batches([Row(n) for n in lengths], most, call_cost)]
+
+    assert split([45, 30, 44, 40, 38, 36, 35, 33]) == [[45, 44, 40, 38, 36, 35, 33, 30]]  # even: one call
+    assert split([100, 500, 95, 490, 90, 80, 30, 20]) == [[500, 490], [100, 95, 90, 80], [30, 20]]  # uneven: by length
+    assert split([500, 490, 100, 95], call_cost=2048) == [[500, 490, 100, 95]]  # a dear call (GPU): one
+    assert all(len(p) <= 3 for p in split([40] * 8, most=3))  # --grad-accum's bound holds
+    import itertools
+    import random
+
+    cost = lambda parts: sum(len(p) * max(p) for p in parts) + 64 * len(parts)  # noqa: E731
+    rng = random.Random(0)
+    for _ in range(20):  # the dynamic program's split is the cheapest of every split of the sorted rows
+        rows = sorted((rng.randint(10, 500) for _ in range(8)), reverse=True)
+        cheapest = min(cost([rows[a:b] for a, b in zip((0,) + cuts, cuts + (8,))])
+                       for k in range(8) for cuts in itertools.combinations(range(1, 8), k))
+        assert cost(split(rows)) == cheapest
