@@ -84,11 +84,12 @@ def per_example_gradients(model, x):
         for h in hooks:
             h.remove()
     grads = []
-    for a in adapters:
-        xin, dy = kept[a][0].float(), kept[a][1].float()  # (B, L, n), (B, L, m)
-        h = xin @ a.A.T  # (B, L, r)
-        grads.append(a.scaling * torch.einsum("blr,bln->brn", dy @ a.B, xin).flatten(1))  # dA (B, r n)
-        grads.append(a.scaling * torch.einsum("blm,blr->bmr", dy, h).flatten(1))  # dB (B, m r)
+    with torch.no_grad():  # plain numbers from here: a graph would keep every later use alive
+        for a in adapters:
+            xin, dy = kept[a][0].float(), kept[a][1].float()  # (B, L, n), (B, L, m)
+            h = xin @ a.A.T  # (B, L, r)
+            grads.append(a.scaling * torch.einsum("blr,bln->brn", dy @ a.B, xin).flatten(1))  # dA (B, r n)
+            grads.append(a.scaling * torch.einsum("blm,blr->bmr", dy, h).flatten(1))  # dB (B, m r)
     model.zero_grad(set_to_none=True)
     return torch.cat(grads, 1)
 
@@ -124,6 +125,7 @@ def rademacher_block(proj_dim: int, index: int, width: int, seed: int, dtype=tor
     return _SIGNS[dtype][random_bytes.long()].view(proj_dim, -1)[:, :width]
 
 
+@torch.no_grad()
 def project(G, proj_dim: int, seed: int):
     """G (n, p) -> G R^T / sqrt(d) (n, d), float32; R is made block by block and never held whole."""
     out = torch.zeros(G.shape[0], proj_dim, device=G.device)

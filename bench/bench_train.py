@@ -18,7 +18,9 @@ and the backward to the inputs (the base weights are frozen), and the vocabulary
 tokens only; real tokens only: work on padding is waste. Targets: ours / PEFT >= 1.3x tokens/s and
 <= 1.0x peak memory in both precisions;
 BADIT / LoRA step time <= 1.10. Peak memory is CUDA's max_memory_allocated on a GPU; on the CPU the
-resident set's peak during the steps above its level before the first (sampled every 2 ms).
+resident set's peak during the warm-up and timed steps above its level before the first (sampled every
+2 ms): what training needs beyond the loaded model (memory freed after a step stays resident, so the
+level after warm-up would hide it).
 """
 
 import argparse
@@ -144,15 +146,15 @@ def run_side(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for x in data[:args.warmup]:
-        one(x)
     peak_flops = matmul_peak(dtype, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    base = rss_bytes()
+    base = rss_bytes()  # the loaded model, adapters and optimizer: the peak is what the steps add to it
     times, tokens, flops = [], 0, 0.0
     cfg = read_model_args(args.model)
     with PeakRSS() as peak:
+        for x in data[:args.warmup]:
+            one(x)
         for x in data[args.warmup:]:
             start = time.perf_counter()
             one(x)

@@ -283,3 +283,13 @@ def test_elrea_under_torchrun_does_not_depend_on_the_world_size(tiny_trainable, 
     assert torch.equal(labels[0], labels[1])
     predictions = [[p["prediction"] for p in final(outs[n])[1]] for n in (1, 2)]
     assert predictions[0] == predictions[1]
+
+
+def test_features_carry_no_autograd_graph(tiny_trainable, tmp_path):
+    """A graph on the features would keep every Rademacher block of the projection alive (24 GB on the demo
+    model): the features are plain numbers."""
+    model, snapshots = lora_snapshots(tiny_trainable, tmp_path)
+    tok, ex = examples(tiny_trainable)
+    g = elrea.per_example_gradients(model, elrea.collate(ex[:2], tok.pad_token_id, "cpu"))
+    assert not g.requires_grad
+    assert not elrea.gradient_features(model, ex, snapshots, 16, 0, tok.pad_token_id).requires_grad
