@@ -230,7 +230,8 @@ def train_pipeline(model, args, train, run_dir: Path, rank: int, world: int, tra
     start = time.time()
 
     if not (run_dir / "base" / "adapter.safetensors").is_file():  # stage 1
-        print("elrea stage 1/4: the base LoRA on all training data")
+        if rank == 0:
+            print("elrea stage 1/4: the base LoRA on all training data")
         keep = range(args.epochs - args.feature_epochs + 1, args.epochs + 1)
         train_adapter(model, train, lora, run_dir / "base", keep_epochs=keep)
         record["seconds"]["base"] = time.time() - start
@@ -252,7 +253,8 @@ def train_pipeline(model, args, train, run_dir: Path, rank: int, world: int, tra
     for k, folder in enumerate(experts):
         if not (folder / "adapter.safetensors").is_file():
             members = [e for e, label in zip(train, labels.tolist()) if label == k]
-            print(f"elrea stage 4/4: expert {k + 1}/{len(experts)} on its cluster of {len(members)} examples")
+            if rank == 0:
+                print(f"elrea stage 4/4: expert {k + 1}/{len(experts)} on its cluster of {len(members)} examples")
             begin = time.time()
             train_adapter(model, members, expert, folder, start_from=run_dir / "base")
             record["seconds"][f"expert_{k}"] = time.time() - begin

@@ -243,28 +243,32 @@ def coactivation_histogram(grads: dict, block=32, top=0.10):
     return torch.bincount(marks, minlength=T + 1).tolist()
 
 
-def write_outputs(out_base: Path, markdown: str, rows: list[list]):
+def write_outputs(out_base: Path, markdown: str, rows: list[list], draw=None):
+    """<out_base>.md and .csv, and .png when matplotlib is installed."""
     out_base.with_suffix(".md").write_text(markdown)
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
     out_base.with_suffix(".csv").write_text(buf.getvalue())
+    png = maybe_plot(out_base, draw) if draw else None
     print(markdown)
-    print(f"wrote {out_base.with_suffix('.md')} and .csv")
+    print(f"wrote {out_base.with_suffix('.md')} and .csv" + (" and .png" if png else ""))
 
 
-def maybe_plot(out_base: Path, draw):
+def maybe_plot(out_base: Path, draw) -> Path | None:
+    """out_base.png drawn by draw(ax), when matplotlib is installed -> its path, or None."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return None
     fig, ax = plt.subplots(figsize=(6, 4))
     draw(ax)
     fig.tight_layout()
     fig.savefig(out_base.with_suffix(".png"), dpi=120)
-    print(f"wrote {out_base.with_suffix('.png')}")
+    plt.close(fig)
+    return out_base.with_suffix(".png")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,17 +350,15 @@ def cmd_angles(args):
     md = ["| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
     md += ["| " + " | ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in r) + " |" for r in rows[1:]]
     md.append("\nAngles in degrees between gradient directions of the components, averaged over layers (SPEC section 5).")
-    base = Path(args.run_dir) / "angles"
-    write_outputs(base, "\n".join(md) + "\n", rows)
 
     def draw(ax):
         steps = [e["step"] for e in entries]
         for k in keys[:4]:
             ax.plot(steps, [e["regroup"][k] for e in entries], marker="o", label=k)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("degrees")
+        ax.set(xlabel="optimizer step", ylabel="degrees")
         ax.legend()
-    maybe_plot(base, draw)
+
+    write_outputs(Path(args.run_dir) / "angles", "\n".join(md) + "\n", rows, draw)
 
 
 def analysis_setup(args):
@@ -378,10 +380,9 @@ def cmd_conflict(args):
     md += [f"| {t} | " + " | ".join(f"{x:+.2f}" for x in C[i].tolist()) + " |" for i, t in enumerate(tasks)]
     md.append(f"\nCosine between the tasks' mean adapter gradients ({args.batches} batches of {args.batch_size} per task). "
               f"Mean off-diagonal {mean_off:+.3f}; negative pairs {100 * negative:.0f} %.")
-    base = Path(args.run_dir) / "conflict"
-    write_outputs(base, "\n".join(md) + "\n", rows)
-    maybe_plot(base, lambda ax: (ax.imshow(C, cmap="RdBu", vmin=-1, vmax=1), ax.set_xticks(range(len(tasks)), tasks, rotation=90),
-                                 ax.set_yticks(range(len(tasks)), tasks)))
+    write_outputs(Path(args.run_dir) / "conflict", "\n".join(md) + "\n", rows,
+                  lambda ax: (ax.imshow(C, cmap="RdBu", vmin=-1, vmax=1), ax.set_xticks(range(len(tasks)), tasks, rotation=90),
+                              ax.set_yticks(range(len(tasks)), tasks)))
 
 
 def cmd_coactivation(args):
@@ -396,10 +397,8 @@ def cmd_coactivation(args):
     md += [f"| {c} | {n} | {100 * n / max(total, 1):.1f} % |" if c else f"| 0 | {n} | - |" for c, n in enumerate(counts)]
     md.append(f"\nPer task: squared gradient of each adapted weight ({', '.join(cfg['targets'])}), 32x32 average-pooled, "
               "top 10 % blocks marked; how many tasks mark each block (SPEC section 8).")
-    base = Path(args.run_dir) / "coactivation"
-    write_outputs(base, "\n".join(md) + "\n", rows)
-    maybe_plot(base, lambda ax: (ax.bar(range(1, len(counts)), counts[1:]), ax.set_xlabel("tasks marking the block"),
-                                 ax.set_ylabel("blocks")))
+    write_outputs(Path(args.run_dir) / "coactivation", "\n".join(md) + "\n", rows,
+                  lambda ax: (ax.bar(range(1, len(counts)), counts[1:]), ax.set(xlabel="tasks marking the block", ylabel="blocks")))
 
 
 def main(argv=None):

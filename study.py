@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from badit import atomic_write
 from data import CLASSROOM, InputError, cli, names
+from eval import continual_metrics, maybe_plot
 from train import METHODS
 
 ROOT = Path(__file__).resolve().parent
@@ -110,6 +111,8 @@ STUDIES = {"classroom": classroom_study, "superni": superni_study}
 
 
 def custom_study(args, train_flags) -> dict:
+    if any(a == "--eval" and b == "none" or a == "--eval=none" for a, b in zip(train_flags, train_flags[1:] + [""])):
+        raise InputError("a study compares the runs' scores: drop --eval none.")
     cells = []
     variants = [("", [])]
     if args.vary:
@@ -363,8 +366,6 @@ def paired(trained, row, reference, tasks):
 
 
 def continual_summary(c: dict) -> dict:
-    from eval import continual_metrics
-
     a = c["continual"]["rougeL"]
     return continual_metrics(a) if a and len(a) == len(a[0]) else {"rows": len(a)}
 
@@ -448,48 +449,38 @@ def write_summary(name: str, results: Path) -> str:
 
 
 def plots(s: dict, results: Path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    """scores.png, angles.png and coactivation.png (eval.maybe_plot: only when matplotlib is installed)."""
     rows = {h: r for h, r in s["rows"].items() if r["average"]}
-    if rows:
-        fig, ax = plt.subplots(figsize=(max(6, len(rows)), 4))
+
+    def scores(ax):
         ax.bar(range(len(rows)), [np.mean(r["average"]) for r in rows.values()],
                yerr=[np.std(r["average"], ddof=1) if len(r["average"]) > 1 else 0 for r in rows.values()], capsize=4)
         ax.set_xticks(range(len(rows)), list(rows), rotation=45, ha="right")
         ax.set_ylabel("average ROUGE-L (mean ± std over seeds)")
-        fig.tight_layout()
-        fig.savefig(results / "scores.png", dpi=120)
-        plt.close(fig)
-    regrouped = {h: r["regroups"] for h, r in rows.items() if r.get("regroups")}
-    if regrouped:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for h, groups in regrouped.items():
-            steps = [np.mean(g["step"]) for g in groups]
+
+    def angles(ax):
+        for h, r in rows.items():
             for key in ("intra_after", "inter_after"):
-                ax.plot(steps, [np.mean(g[key]) for g in groups], marker="o", label=f"{h}: {key}")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("degrees")
+                ax.plot([np.mean(g["step"]) for g in r["regroups"]], [np.mean(g[key]) for g in r["regroups"]],
+                        marker="o", label=f"{h}: {key}")
+        ax.set(xlabel="optimizer step", ylabel="degrees")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(results / "angles.png", dpi=120)
-        plt.close(fig)
-    if s["analyses"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
+
+    def coactivation(ax):
         width = 0.8 / len(s["analyses"])
         for i, (m, a) in enumerate(s["analyses"].items()):
             counts = a["coactivation"][1:]
             ax.bar(np.arange(1, len(counts) + 1) + i * width, counts, width, label=m)
-        ax.set_xlabel("tasks marking the block")
-        ax.set_ylabel("blocks")
+        ax.set(xlabel="tasks marking the block", ylabel="blocks")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(results / "coactivation.png", dpi=120)
-        plt.close(fig)
+
+    if rows:
+        maybe_plot(results / "scores", scores)
+    if any(r.get("regroups") for r in rows.values()):
+        rows = {h: r for h, r in rows.items() if r.get("regroups")}
+        maybe_plot(results / "angles", angles)
+    if s["analyses"]:
+        maybe_plot(results / "coactivation", coactivation)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -176,7 +176,8 @@ def parse_args(argv=None):
         p.error(f"--max-len {args.max_len} must exceed --max-answer-len {args.max_answer_len}: the prompt needs room.")
     if args.method == "elrea" and args.feature_epochs > args.epochs:
         p.error(f"--feature-epochs {args.feature_epochs} must be at most --epochs {args.epochs}.")
-    args.expert_lr = args.expert_lr or 0.4 * args.lr
+    if args.method == "elrea":
+        args.expert_lr = args.expert_lr or 0.4 * args.lr
     args.tasks = args.tasks or list_tasks(args.data)
     if args.out is None:
         args.out = str(ROOT / "runs" / f"{args.method}-{args.setting}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -575,12 +576,13 @@ def init_seed(seed: int, task: str | None = None) -> int:
     return seed if task is None else int(hashlib.sha256(f"{seed}:{task}".encode()).hexdigest()[:12], 16)
 
 
-def attach_adapters(model, args, ckpt: Path | None = None, task: str | None = None, rank: int = 0):
-    """Fresh adapters seeded by (seed, task), or the checkpoint's when there is one (a resume): the
-    SVD methods' residual is then rebuilt from the saved A0, B0, as load_adapters does."""
+def attach_adapters(model, args, ckpt: Path | None = None, task: str | None = None, rank: int = 0, start_from=None):
+    """The checkpoint's adapters when there is one (a resume; the SVD methods' residual is rebuilt from the
+    saved A0, B0, as load_adapters does), else start_from's (a saved adapter: ELREA's experts start from
+    its base LoRA), else fresh ones seeded by (seed, task)."""
     folder = checkpoint_folder(ckpt) if ckpt is not None else None
-    if folder is not None:
-        load_adapters(model, folder)
+    if folder is not None or start_from is not None:
+        load_adapters(model, folder or start_from)
     else:
         torch.manual_seed(init_seed(args.seed, task))
         add_adapters(model, args.method, tuple(args.targets), args.num_experts, args.rank, args.alpha, args.dropout,
@@ -591,14 +593,8 @@ def attach_adapters(model, args, ckpt: Path | None = None, task: str | None = No
 
 
 def train_adapter(model, examples, args, run_dir: Path, rank: int, world: int, task=None, start_from=None, keep_epochs=()):
-    """One ordinary run of the loop in run_dir: the adapters from its checkpoint when resuming, else from
-    start_from (a saved adapter: ELREA's experts start from its base LoRA), else fresh; then train_phase
-    and (rank 0) the final adapter saved in run_dir."""
-    if start_from is not None and checkpoint_folder(run_dir / "checkpoint") is None:
-        load_adapters(model, start_from)
-        torch.manual_seed(init_seed(args.seed, task) + 1 + rank)
-    else:
-        attach_adapters(model, args, run_dir / "checkpoint", task=task, rank=rank)
+    """One ordinary run of the loop in run_dir (attach_adapters, train_phase) and (rank 0) its final adapter."""
+    attach_adapters(model, args, run_dir / "checkpoint", task, rank, start_from)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     train_phase(model, examples, args, run_dir, rank, world, resume=args.resume, keep_epochs=keep_epochs)

@@ -151,3 +151,21 @@ def tiny_trainable(tmp_path_factory):
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     return folder
+
+
+def interrupt_at(monkeypatch, at_step):
+    """Send this process a real SIGINT during the forward-backward of optimizer step `at_step` (counted over
+    the whole run), as a Ctrl-C would arrive."""
+    import signal
+
+    import train
+
+    original, calls = train.backward_global_batch, []
+
+    def backward_global_batch(*args):
+        calls.append(1)
+        if len(calls) == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args)
+
+    monkeypatch.setattr(train, "backward_global_batch", backward_global_batch)

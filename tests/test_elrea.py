@@ -5,8 +5,6 @@ resume after an interruption in every stage."""
 import json
 import math
 import os
-import signal
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import elrea
 import eval as evaluation
 import train
 from badit import add_adapters, adapters_of, load_adapters, save_adapters
-from conftest import left_padded_batch
+from conftest import interrupt_at, left_padded_batch
 from data import CLASSROOM_TASKS, encode_examples, load_tasks
 from model import generate, load_model, load_tokenizer
 
@@ -193,18 +191,6 @@ def test_elrea_end_to_end(tiny_trainable, tmp_path, capsys):
     assert "| task | run (elrea) |" in capsys.readouterr().out  # tables label it elrea
 
 
-def sigint_at_step(monkeypatch, at_step):
-    original, calls = train.backward_global_batch, []
-
-    def backward_global_batch(*args):
-        calls.append(1)
-        if len(calls) == at_step:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(*args)
-
-    monkeypatch.setattr(train, "backward_global_batch", backward_global_batch)
-
-
 def ctrl_c_in(monkeypatch, module, name, at_call=1):
     original, calls = getattr(module, name), []
 
@@ -221,11 +207,11 @@ def ctrl_c_in(monkeypatch, module, name, at_call=1):
 def test_resume_after_an_interruption_in_each_stage(tiny_trainable, tmp_path, monkeypatch, stage):
     run(tiny_trainable, tmp_path / "full")
     if stage == "base":
-        sigint_at_step(monkeypatch, 3)  # step 3 of the base LoRA's 12
+        interrupt_at(monkeypatch, 3)  # step 3 of the base LoRA's 12
     elif stage == "features":
         ctrl_c_in(monkeypatch, elrea, "per_example_gradients", at_call=2)
     elif stage == "expert":
-        sigint_at_step(monkeypatch, 12 + 2)  # step 2 of the first expert
+        interrupt_at(monkeypatch, 12 + 2)  # step 2 of the first expert
     else:
         ctrl_c_in(monkeypatch, elrea, "ensemble_weights")  # while the test queries are weighed
     with pytest.raises(SystemExit) as stop:

@@ -16,7 +16,7 @@ import torch
 import eval as evaluation
 import train
 from badit import METHODS, adapter_state
-from conftest import ROOT
+from conftest import ROOT, interrupt_at
 from model import load_model
 
 FAST = ["--data", "classroom", "--tasks", "sort_ascending,sort_descending", "--limit", "8", "--batch-size", "4",
@@ -59,20 +59,6 @@ def test_every_method_trains_saves_and_evaluates(tiny_trainable, tmp_path, metho
     assert metrics["task_ids_used"] == (method == "cgc")
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "metrics_test_predictions.jsonl").open()]
     assert len(predictions) == 4 and all({"prompt", "references", "prediction"} <= set(p) for p in predictions)
-
-
-def interrupt_at(monkeypatch, at_step):
-    """Send this process a real SIGINT during the forward-backward of optimizer step `at_step`
-    (counted over the whole run), as a Ctrl-C would arrive."""
-    original, calls = train.backward_global_batch, []
-
-    def backward_global_batch(*args):
-        calls.append(1)
-        if len(calls) == at_step:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(*args)
-
-    monkeypatch.setattr(train, "backward_global_batch", backward_global_batch)
 
 
 @pytest.mark.parametrize("at_step", [2, 4])  # mid-epoch 1; at its end, after the regroup
