@@ -171,7 +171,8 @@ class Routing:
     checkpointing recomputes the same gates during backward.
       mask:     (B, L) 1 on the positions a router averages over (the prompt); None while decoding
                 with a KV cache, when each adapter reuses the gate it stored in `gates` at prefill.
-      task_ids: (B,) task index per sequence (CGC-LoRA's per-task gate), or None.
+      task_ids: (B,) an index per sequence: CGC-LoRA's task (its per-task gate), or the member of ELREA's
+                ensemble that the row runs; or None.
       gates:    adapter -> gate computed for the current sequences.
     """
 
