@@ -167,12 +167,20 @@ def progress(run: Path):
     return (steps[-1] if steps else 0), (starts[-1]["total_steps"] if starts else 0)
 
 
-def run_cell(cell: Cell, study: dict, work: Path, python: list, bar) -> float:
-    """Run (or continue) one cell as subprocesses; their output goes to studies/<name>/logs/<cell>.out."""
+def run_cell(cell: Cell, study: dict, work: Path, python: list, bar):
+    """Run (or continue) one cell as subprocesses; their output goes to studies/<name>/logs/<cell>.out, and
+    the time they take, interrupted or not, adds up in <cell>.seconds."""
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    for cmd in commands(cell, study, work, python):
+    start, spent = time.time(), logs / f"{cell.id}.seconds"
+    try:
+        run_commands(cell, commands(cell, study, work, python), logs, work, bar)
+    finally:
+        spent.write_text(str(time.time() - start + (float(spent.read_text()) if spent.is_file() else 0.0)))
+
+
+def run_commands(cell: Cell, cmds: list, logs: Path, work: Path, bar):
+    for cmd in cmds:
         with open(logs / f"{cell.id}.out", "a") as out:
             out.write(f"\n$ {' '.join(map(str, cmd))}\n")
             out.flush()
@@ -192,10 +200,9 @@ def run_cell(cell: Cell, study: dict, work: Path, python: list, bar) -> float:
                 raise
         if proc.returncode != 0:
             raise RuntimeError(f"cell {cell.id} failed (exit {proc.returncode}); see {logs / (cell.id + '.out')}")
-    return time.time() - start
 
 
-def collect(cell: Cell, work: Path, results: Path, seconds: float | None):
+def collect(cell: Cell, work: Path, results: Path):
     """Copy a finished cell's small files to results/<name>/cells/<cell>/ (no adapters, no predictions)."""
     run, dest = work / cell.id, results / "cells" / cell.id
     dest.mkdir(parents=True, exist_ok=True)
@@ -211,10 +218,9 @@ def collect(cell: Cell, work: Path, results: Path, seconds: float | None):
             {"step": e["step"], **e["regroup"]} for e in lines if "regroup" in e]}
         name = "curve.json" if log.parent == run else f"curve-{log.parent.relative_to(run).as_posix().replace('/', '-')}.json"
         (dest / name).write_text(json.dumps(curve))
-    record = json.loads((dest / "cell.json").read_text()) if (dest / "cell.json").is_file() else {}
-    if seconds is not None:
-        record["seconds"] = record.get("seconds", 0) + seconds
-    (dest / "cell.json").write_text(json.dumps({**record, **asdict(cell)}, indent=1))
+    spent = work / "logs" / f"{cell.id}.seconds"
+    seconds = {"seconds": float(spent.read_text())} if spent.is_file() else {}
+    (dest / "cell.json").write_text(json.dumps({**asdict(cell), **seconds}, indent=1))
 
 
 def study_command() -> str:
@@ -242,7 +248,7 @@ def run_study(name: str, study: dict, launcher: str, nproc: int, base: Path = RO
         run = work / (cell.of if cell.kind == "analysis" else cell.id)
         if done(cell, work / cell.id if cell.kind != "analysis" else run):
             if not (results / "cells" / cell.id / "cell.json").is_file():
-                collect(cell, work, results, None)
+                collect(cell, work, results)
             overall.update(1)
             continue
         if cell.kind == "analysis" and not done(Cell(cell.of), run):
@@ -252,14 +258,14 @@ def run_study(name: str, study: dict, launcher: str, nproc: int, base: Path = RO
         inner.reset(total=0)
         inner.set_description(cell.id)
         try:
-            seconds = run_cell(cell, study, work, python, inner)
+            run_cell(cell, study, work, python, inner)
         except RuntimeError as e:
             failed.append(str(e))
             tqdm.write(str(e))
             overall.update(1)
             continue
-        collect(cell, work, results, seconds)
-        timed.append(seconds)
+        collect(cell, work, results)
+        timed.append(json.loads((results / "cells" / cell.id / "cell.json").read_text()).get("seconds", 0))
         overall.update(1)
         left = sum(not done(c, work / (c.of if c.kind == "analysis" else c.id)) for c in cells)
         overall.set_postfix(left=f"~{left * np.mean(timed) / 3600:.1f} h")  # from the cells timed so far
