@@ -343,14 +343,13 @@ def summarise(results: Path) -> dict:
             r["regroups"] = [{k: [g[i][k] for g in regroups] for k in regroups[0][0]} for i in range(len(regroups[0]))]
         r["curves"] = {s: mtl[s]["curve"]["loss"] for s in sorted(mtl) if "curve" in mtl[s]}
         out["rows"][row] = r
-    ref = out["rows"].get(study["reference"])
-    for row, r in out["rows"].items():
-        if ref is None or row == study["reference"]:
-            continue
-        diffs = [a - b for a, b in paired(trained, row, study["reference"], tasks)]
-        if diffs:
-            p = paired_permutation_test(diffs)
-            r["against_reference"] = {"pairs": len(diffs), "mean_difference": float(np.mean(diffs)), "p": p}
+    method_of = {row_of(c): c["method"] for c in study["cells"] if c["kind"] == "train"}
+    for row, r in out["rows"].items():  # every method against the reference, every variant against its method
+        for key, other in (("against_reference", study["reference"]), ("against_method", method_of[row])):
+            diffs = [a - b for a, b in paired(trained, row, other, tasks)] if other != row else []
+            if diffs:
+                r[key] = {"pairs": len(diffs), "mean_difference": float(np.mean(diffs)),
+                          "p": paired_permutation_test(diffs)}
     continual = [c for c in trained if c["setting"] == "continual" and "continual" in c]
     out["continual"] = {row_of(c) + f" (seed {c['seed']})": continual_summary(c) for c in continual}
     out["analyses"] = {}
@@ -416,11 +415,18 @@ def markdown(name: str, s: dict) -> str:
               "Sign-flip permutation test of the mean paired difference (same seed, same task); two-sided p.", "",
               "| method | pairs | mean difference | p | reading |", "|---|---|---|---|---|"]
     for h in heads:
-        a = rows[h].get("against_reference")
-        if a:
-            reading = ("no difference beyond seed noise" if a["p"] >= 0.05 else
-                       ("better" if a["mean_difference"] > 0 else "worse") + f" than {s['reference']} (p < 0.05)")
-            lines.append(f"| {h} | {a['pairs']} | {a['mean_difference']:+.2f} | {a['p']:.3f} | {reading} |")
+        if "against_reference" in rows[h]:
+            lines.append(paired_row(h, rows[h]["against_reference"], s["reference"]))
+    variants = [h for h in heads if "against_method" in rows[h]]
+    if variants:
+        lines += ["", "## Each variant against its own method, paired over seeds x tasks", "",
+                  "Training loss: the mean over the first and over the last quarter of the steps (seed mean).", "",
+                  "| variant | pairs | mean difference | p | reading | training loss, first / last quarter |",
+                  "|---|---|---|---|---|---|"]
+        for h in variants:
+            method = h.split(" [")[0]
+            lines.append(paired_row(h, rows[h]["against_method"], method) +
+                         f" {quarters(rows[method])} -> {quarters(rows[h])} |")
     regrouped = {h: r["regroups"] for h, r in rows.items() if r.get("regroups")}
     if regrouped:
         lines += ["", "## Regroup diagnostics (SPEC section 5), mean over seeds", "",
@@ -443,6 +449,22 @@ def markdown(name: str, s: dict) -> str:
             lines.append(f"| {m} | {a['conflict_mean_cosine']:+.3f} | {100 * a['conflict_negative_share']:.0f} % | "
                          f"{', '.join(map(str, a['coactivation'][1:]))} |")
     return "\n".join(lines) + "\n"
+
+
+def paired_row(row: str, a: dict, other: str) -> str:
+    reading = ("no difference beyond seed noise" if a["p"] >= 0.05 else
+               ("better" if a["mean_difference"] > 0 else "worse") + f" than {other} (p < 0.05)")
+    return f"| {row} | {a['pairs']} | {a['mean_difference']:+.2f} | {a['p']:.3f} | {reading} |"
+
+
+def quarters(r: dict) -> str:
+    """Mean training loss over the first and the last quarter of the steps, averaged over seeds."""
+    curves = [c for c in r["curves"].values() if len(c) >= 4]
+    if not curves:
+        return "-"
+    first, last = (np.mean([np.mean(c[:len(c) // 4] if end == 0 else c[-(len(c) // 4):]) for c in curves])
+                   for end in (0, 1))
+    return f"{first:.3f} / {last:.3f}"
 
 
 def write_summary(name: str, results: Path) -> str:

@@ -45,6 +45,9 @@ def test_the_summary_equals_a_direct_computation(tmp_path):
                 scores = {t: float(rng.uniform(20, 90)) for t in ("a", "b")}
                 suffix = "" if setting == "mtl" else "-single"
                 cells.append(write_cell(tmp_path, f"{method}{suffix}-s{seed}", method, seed, setting, scores=scores))
+    for seed in (0, 1):  # a variant (two seeds only) is compared with its own method on the seeds they share
+        scores = {t: float(rng.uniform(20, 90)) for t in ("a", "b")}
+        cells.append(write_cell(tmp_path, f"badit-float32-s{seed}", "badit", seed, variant="float32", scores=scores))
     (tmp_path / "study.json").write_text(json.dumps({"command": "python study.py test", "flags": [], "reference": "lora", "cells": cells}))
     s = study.summarise(tmp_path)
     read = lambda id: json.loads((tmp_path / "cells" / id / "metrics_test.json").read_text())  # noqa: E731
@@ -61,7 +64,13 @@ def test_the_summary_equals_a_direct_computation(tmp_path):
     against = s["rows"]["badit"]["against_reference"]
     assert against["pairs"] == 6 and against["mean_difference"] == pytest.approx(np.mean(diffs))
     assert against["p"] == pytest.approx(study.paired_permutation_test(diffs))
+    diffs = [read(f"badit-float32-s{seed}")["per_task"][t]["rougeL"] - read(f"badit-s{seed}")["per_task"][t]["rougeL"]
+             for seed in (0, 1) for t in ("a", "b")]
+    against = s["rows"]["badit [float32]"]["against_method"]
+    assert against["pairs"] == 4 and against["mean_difference"] == pytest.approx(np.mean(diffs))
+    assert "against_method" not in s["rows"]["badit"]
     text = study.markdown("test", s)
+    assert "| badit [float32] | 4 |" in text
     mean, std = np.mean([m["rougeL"] for m in (read(f"badit-s{seed}") for seed in (0, 1, 2))]), None
     assert f"**{mean:.1f} ± " in text and "colla" in text
 
