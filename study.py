@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from badit import atomic_write
+from badit import ADAPTERS, atomic_write
 from data import CLASSROOM, InputError, cli, names
 from eval import continual_metrics, maybe_plot
-from train import METHODS
 
 ROOT = Path(__file__).resolve().parent
 SUPERNI = ROOT.parent / "shared" / "data" / "superni"
@@ -67,7 +66,7 @@ def grid(methods, seeds, setting="mtl", variant="", flags=()) -> list[Cell]:
 # after seeing results is a new study, reported beside the first (issue: no tuning toward a method).
 
 SEEDS = [0, 1, 2]
-ALL = ["lora", "pissa", "loramoe", "badit-noregroup", "badit", "cgc", "elrea"]
+ALL = list(ADAPTERS)  # every method train.py trains: the six adapters and elrea
 
 
 def classroom_study() -> dict:
@@ -520,7 +519,7 @@ def main(argv=None):
     p.add_argument("name", help=f"a named study ({', '.join(STUDIES)}) or the name of a custom grid (--methods ...)")
     p.add_argument("--summary", action="store_true", help="only rewrite and print the summary of the finished cells")
     g = p.add_argument_group("a custom grid (train.py flags after --)")
-    g.add_argument("--methods", type=names, help=f"comma-separated, from {', '.join(METHODS)}")
+    g.add_argument("--methods", type=names, help=f"comma-separated, from {', '.join(ALL)}")
     g.add_argument("--seeds", type=lambda t: [int(s) for s in names(t)], default=[0, 1, 2], help="default: 0,1,2")
     g.add_argument("--single", action="store_true", help="also the single-task runs of every method (colla)")
     g.add_argument("--continual", action="store_true", help="also the continual setting")
@@ -547,9 +546,9 @@ def main(argv=None):
             raise InputError(f"{args.name!r} is a named study with a fixed configuration; give a new name for a custom grid.")
         study = STUDIES[args.name]()
     elif args.methods:
-        unknown = sorted(set(args.methods) - set(METHODS))
+        unknown = sorted(set(args.methods) - set(ALL))
         if unknown:
-            raise InputError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
+            raise InputError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(ALL)}.")
         study = custom_study(args, train_flags)
     else:
         raise InputError(f"{args.name!r} is not a named study ({', '.join(STUDIES)}); for a custom grid give --methods.")
