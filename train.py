@@ -101,7 +101,7 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("elrea only (SPEC section 6, elrea.py)")
     g.add_argument("--clusters", type=positive_int, default=5, help="clusters of training examples asked of spherical "
-                   "k-means; a cluster over 5x the smallest is split again, so there may be more (default: %(default)s)")
+                   "k-means; while the largest is over 5x the smallest it is split, so there may be up to 3 more (default: %(default)s)")
     g.add_argument("--proj-dim", type=positive_int, default=8192, help="dimension of the Rademacher projection of the "
                    "gradient features (default: %(default)s; the thesis found 512 clearly worse: a smaller value is a "
                    "classroom shortcut)")

@@ -160,6 +160,12 @@ def test_clusters_are_recovered_and_oversized_ones_split():
     labels, centroids = elrea.cluster_examples(x, 3, seed=0)
     assert len(centroids) == 4 and adjusted_rand_score(truth, labels) == 1.0  # the size rule split it again
 
+    x, truth = planted([30, 30, 30, 30, 1], torch.cat([d, F.normalize(d[0] - d[1], dim=0)[None]]), noise=0.02)
+    labels, centroids = elrea.cluster_examples(x, 5, seed=0)  # one stray example: the rule applies 3 times ...
+    assert len(centroids) == 5 + elrea.SIZE_ROUNDS  # ... one split each (splitting every large one made 29)
+    for k in range(len(centroids)):  # a split never mixes the planted groups
+        assert len(truth[labels == k].unique()) == 1
+
 
 def run(model_dir, out, *extra):
     train.main(["--model", str(model_dir), "--out", str(out), *FAST, *extra])
