@@ -341,10 +341,10 @@ def summarise(results: Path) -> dict:
         if regroups:
             r["regroups"] = [{k: [g[i][k] for g in regroups] for k in regroups[0][0]} for i in range(len(regroups[0]))]
         r["curves"] = {s: mtl[s]["curve"]["loss"] for s in sorted(mtl) if "curve" in mtl[s]}
+        r["method"] = next(c["method"] for c in study["cells"] if c["kind"] == "train" and row_of(c) == row)
         out["rows"][row] = r
-    method_of = {row_of(c): c["method"] for c in study["cells"] if c["kind"] == "train"}
     for row, r in out["rows"].items():  # every method against the reference, every variant against its method
-        for key, other in (("against_reference", study["reference"]), ("against_method", method_of[row])):
+        for key, other in (("against_reference", study["reference"]), ("against_method", r["method"])):
             diffs = [a - b for a, b in paired(trained, row, other, tasks)] if other != row else []
             if diffs:
                 r[key] = {"pairs": len(diffs), "mean_difference": float(np.mean(diffs)),
@@ -423,7 +423,7 @@ def markdown(name: str, s: dict) -> str:
                   "| variant | pairs | mean difference | p | reading | training loss, first / last quarter |",
                   "|---|---|---|---|---|---|"]
         for h in variants:
-            method = h.split(" [")[0]
+            method = rows[h]["method"]
             lines.append(paired_row(h, rows[h]["against_method"], method) +
                          f" {quarters(rows[method])} -> {quarters(rows[h])} |")
     regrouped = {h: r["regroups"] for h, r in rows.items() if r.get("regroups")}
@@ -461,8 +461,8 @@ def quarters(r: dict) -> str:
     curves = [c for c in r["curves"].values() if len(c) >= 4]
     if not curves:
         return "-"
-    first, last = (np.mean([np.mean(c[:len(c) // 4] if end == 0 else c[-(len(c) // 4):]) for c in curves])
-                   for end in (0, 1))
+    first = np.mean([np.mean(c[:len(c) // 4]) for c in curves])
+    last = np.mean([np.mean(c[-(len(c) // 4):]) for c in curves])
     return f"{first:.3f} / {last:.3f}"
 
 
