@@ -375,6 +375,7 @@ def cmd_conflict(args):
     cfg, model, batches, use_ids = analysis_setup(args)
     params = [p for p in model.parameters() if p.requires_grad]
     tasks, C, mean_off, negative = conflict_matrix(task_gradients(model, batches, params, use_ids))
+    C = C.cpu()  # T x T, for the table and the plot
     rows = [[""] + tasks] + [[t] + [round(x, 4) for x in C[i].tolist()] for i, t in enumerate(tasks)]
     md = ["| | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     md += [f"| {t} | " + " | ".join(f"{x:+.2f}" for x in C[i].tolist()) + " |" for i, t in enumerate(tasks)]

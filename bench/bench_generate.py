@@ -8,7 +8,7 @@ both produced the same tokens (in float32 they must; bf16 rounding may flip a ne
 how much of the evaluation's prefill is padding: eval.py sorts SuperNI's test prompts by length
 before cutting them into batches.
 
-    python bench/bench_generate.py [--batch 8] [--new-tokens 50] [--repeats 3] [--dtypes float32,bfloat16]
+    python bench/bench_generate.py [--batch 8] [--new-tokens 50] [--repeats 3] [--dtypes float32,bfloat16] [--device cpu]
 
 Target: ours >= 1.2x HF's tokens/s in both precisions.
 """
@@ -31,6 +31,8 @@ from model import generate, load_model, load_tokenizer, read_model_args  # noqa:
 def timed(fn):
     start = time.perf_counter()
     out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return out, time.perf_counter() - start
 
 
@@ -66,28 +68,31 @@ def main():
     p.add_argument("--new-tokens", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3, help="generation runs per side; the best is reported")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    device = torch.device(args.device)
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(args.model)
     ids, mask = left_pad([tok.encode(t) for t in superni_prompts(args.batch)], tok.pad_token_id)
     lengths = mask.sum(1).tolist()
+    ids, mask = ids.to(device), mask.to(device)
     cfg = read_model_args(args.model)
     print(f"batch {tuple(ids.shape)} ({int(mask.sum())} prompt tokens), {args.new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"prefill padding of SuperNI's test sets in eval.py's batches of 64 (20 per task, max 512 tokens): "
           f"{100 * prefill_padding(tok):.1f} %")
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
-        ours, ours_load = timed(lambda: load_model(args.model, device="cpu", dtype=dtype))
-        hf, hf_load = timed(lambda: AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval())
+        ours, ours_load = timed(lambda: load_model(args.model, device=device, dtype=dtype))
+        hf, hf_load = timed(lambda: AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval())
         hf.generation_config.eos_token_id = None  # run all steps, like ours with eos_token_id=None
 
         def run_ours():
             return generate(ours, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=tok.pad_token_id)
 
         def run_hf():
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 return hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
                                    pad_token_id=tok.pad_token_id)
 
@@ -99,7 +104,7 @@ def main():
             times["hf"].append(t)
         n_new = args.batch * args.new_tokens
         tps = {k: n_new / min(v) for k, v in times.items()}
-        peak = matmul_peak(dtype, torch.device("cpu"))
+        peak = matmul_peak(dtype, device)
         flops = generation_flops(cfg, lengths, args.new_tokens)
         print(f"{name:8s} load      ours {ours_load:6.2f} s   hf {hf_load:6.2f} s   ratio (hf/ours) {hf_load / ours_load:5.2f}x")
         print(f"{name:8s} generate  ours {tps['ours']:6.1f} tok/s  hf {tps['hf']:6.1f} tok/s  ratio (ours/hf) "

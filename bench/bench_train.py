@@ -20,7 +20,8 @@ tokens only; real tokens only: work on padding is waste. Targets: ours / PEFT >=
 BADIT / LoRA step time <= 1.10. Peak memory is CUDA's max_memory_allocated on a GPU; on the CPU the
 resident set's peak during the warm-up and timed steps above its level before the first (sampled every
 2 ms): what training needs beyond the loaded model (memory freed after a step stays resident, so the
-level after warm-up would hide it).
+level after warm-up would hide it). On a GPU use --warmup 10 --steps 30: every new batch shape first
+builds its attention plan.
 """
 
 import argparse
@@ -65,8 +66,9 @@ class PeakRSS:
         self.thread.join()
 
 
-def matmul_peak(dtype, device, size=2048, repeats=10) -> float:
-    """FLOP/s of the best of `repeats` (size x size) @ (size x size) matmuls: this machine's practical peak."""
+def matmul_peak(dtype, device, repeats=10) -> float:
+    """FLOP/s of the best of `repeats` square matmuls: this machine's practical peak (a GPU needs 8192 to fill it)."""
+    size = 8192 if device.type == "cuda" else 2048
     a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
     best = float("inf")
     for _ in range(repeats + 2):

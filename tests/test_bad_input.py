@@ -106,6 +106,10 @@ FAST = ["--data", "classroom", "--tasks", "sort_ascending,sort_descending", "--l
         "--epochs", "2", "--eval", "none", "--device", "cpu", "--dtype", "float32"]
 
 
+# --device cuda:99 is refused everywhere: for want of CUDA, or of a 100th GPU
+NO_SUCH_GPU = "CUDA device(s)" if torch.cuda.is_available() else "no CUDA device is available"
+
+
 def refused(capsys, main, argv) -> str:
     """Run a command line in-process as its __main__ would; -> its stderr, after checking it failed cleanly."""
     with pytest.raises(SystemExit) as stop:
@@ -144,7 +148,7 @@ def refused(capsys, main, argv) -> str:
     (["--method", "bdit"], "argument --method: invalid choice"),
     (["--tasks", "nope"], "classroom suite has no task 'nope'"),
     (["--data", "/nowhere"], "data root /nowhere does not exist"),
-    (["--device", "cuda"], "--device cuda: no CUDA device is available"),
+    (["--device", "cuda:99"], NO_SUCH_GPU),
     (["--device", "tpu9"], "--device 'tpu9' is not a device"),
     (["--model", "/nowhere/model"], "model folder /nowhere/model does not exist"),
     (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 must be a multiple of world size x --grad-accum"),
@@ -228,7 +232,7 @@ def test_eval_and_model_command_lines(tiny_trainable, tmp_path, capsys):
     assert "argument --limit" in refused(capsys, evaluation.main, ["evaluate", str(tmp_path), "--limit", "0"])
     (tmp_path / "continual.json").write_text(json.dumps({"order": ["a", "b", "c"], "rougeL": [[50, 10, 20]]}))
     assert "full T x T score matrix; this one has 1 row(s) of 3 task(s)" in refused(capsys, evaluation.main, ["continual", str(tmp_path)])
-    assert "no CUDA device is available" in refused(capsys, model_cli.main, ["--model", str(tiny_trainable), "--device", "cuda"])
+    assert NO_SUCH_GPU in refused(capsys, model_cli.main, ["--model", str(tiny_trainable), "--device", "cuda:99"])
     assert "argument --max-new-tokens: 0 must be >= 1" in refused(capsys, model_cli.main, ["--max-new-tokens", "0"])
 
 

@@ -18,7 +18,7 @@ TASKS = torch.tensor([0, 2, 1])
 
 
 def adapted(path, method, **kw):
-    model = load_model(path, dtype=torch.float32)
+    model = load_model(path, device="cpu", dtype=torch.float32)
     kw = {"dropout": 0.0, **({"num_tasks": 3} if method == "cgc" else {}), **kw}
     add_adapters(model, method, **kw)
     return model
@@ -45,7 +45,7 @@ def loss_of(model, ids, mask, task_ids=None):
 def test_every_method_starts_at_the_base_function(tiny_checkpoints, method):
     path = tiny_checkpoints["qwen3"]
     ids, mask = left_padded_batch(LENGTHS)
-    base = load_model(path, dtype=torch.float32)(ids, mask)
+    base = load_model(path, device="cpu", dtype=torch.float32)(ids, mask)
     model = adapted(path, method, targets=("gate_proj", "q_proj"))
     out = model(ids, mask, task_ids=TASKS if method == "cgc" else None)
     torch.testing.assert_close(out, base, atol=2e-5, rtol=0)
@@ -56,7 +56,7 @@ def test_every_method_starts_at_the_base_function(tiny_checkpoints, method):
 
 def test_svd_experts(tiny_checkpoints):
     path = tiny_checkpoints["llama3"]
-    W0 = load_model(path, dtype=torch.float32).layers[1].mlp.gate_proj.weight.detach().clone()
+    W0 = load_model(path, device="cpu", dtype=torch.float32).layers[1].mlp.gate_proj.weight.detach().clone()
     model = adapted(path, "badit", num_experts=6, rank=4, alpha=32)
     a = adapters_of(model)["layers.1.mlp.gate_proj"]
     A, B, s = a.A.detach(), a.B.detach(), a.scaling
@@ -114,6 +114,8 @@ def test_kmeans_batched_equals_loop_and_is_seeded():
         torch.testing.assert_close(one_centroids, centroids[l])
     again = spherical_kmeans(x, 5, seed=3)
     assert torch.equal(again[0], labels) and torch.equal(again[1], centroids)
+    for row in labels:  # clusters numbered in the order of their first member
+        assert [int(row[i]) for i in sorted({int(c): int((row == c).nonzero()[0]) for c in row}.values())] == list(range(5))
 
 
 def test_kmeans_objective_not_worse_than_sklearn():
@@ -323,7 +325,7 @@ def test_save_and_load_restore_exactly(tiny_checkpoints, tmp_path, method):
     model = adapted(path, method)
     randomize_adapters(model)
     save_adapters(model, tmp_path)
-    restored = load_model(path, dtype=torch.float32)
+    restored = load_model(path, device="cpu", dtype=torch.float32)
     load_adapters(restored, tmp_path)
     ids, mask = left_padded_batch(LENGTHS)
     task_ids = TASKS if method == "cgc" else None
@@ -404,7 +406,7 @@ def test_bad_input(tiny_checkpoints):
     with pytest.raises(ValueError, match="unknown method 'bdit'; choose one of lora, pissa"):
         adapted(path, "bdit")
     with pytest.raises(ValueError, match="cgc needs num_tasks"):
-        add_adapters(load_model(path, dtype=torch.float32), "cgc")
+        add_adapters(load_model(path, device="cpu", dtype=torch.float32), "cgc")
     model = adapted(path, "cgc")
     ids, mask = left_padded_batch(LENGTHS)
     with pytest.raises(ValueError, match="cgc adapters need a task id per sequence"):

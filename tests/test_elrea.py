@@ -26,7 +26,7 @@ FAST = ["--data", "classroom", "--tasks", "sort_ascending,sort_descending,copy_w
 
 def lora_snapshots(path, folder: Path, steps=(2, 3)):
     """A tiny float32 model with a LoRA and two epoch-end-like checkpoints written by train.save_checkpoint."""
-    model = load_model(path, dtype=torch.float32)
+    model = load_model(path, device="cpu", dtype=torch.float32)
     torch.manual_seed(0)
     add_adapters(model, "lora", dropout=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -110,7 +110,7 @@ def test_the_batched_ensemble_decodes_as_separate_models(tiny_trainable, tmp_pat
     models whose next-token logits are summed with the same weights (full forwards, no cache)."""
     members = []
     for k in range(3):
-        model = load_model(tiny_trainable, dtype=torch.float32)
+        model = load_model(tiny_trainable, device="cpu", dtype=torch.float32)
         torch.manual_seed(k)
         add_adapters(model, "lora", dropout=0.0)
         with torch.no_grad():
@@ -118,7 +118,7 @@ def test_the_batched_ensemble_decodes_as_separate_models(tiny_trainable, tmp_pat
                 a.B.normal_(0, 0.3)
         save_adapters(model, tmp_path / f"m{k}")
         members.append(model)
-    ensemble = load_model(tiny_trainable, dtype=torch.float32)
+    ensemble = load_model(tiny_trainable, device="cpu", dtype=torch.float32)
     elrea.stack_ensemble(ensemble, [tmp_path / f"m{k}" for k in range(3)], tmp_path)
     load_adapters(ensemble, tmp_path)
     ids, mask = left_padded_batch([9, 5, 7], vocab=200, seed=3)

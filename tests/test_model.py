@@ -31,7 +31,7 @@ def test_right_padding_takes_the_causal_path_and_matches_left_padding(tiny_check
     masked path on the same rows padded on the left (windows and soft-caps included)."""
     from model import attention_masks, right_aligned
 
-    model = load_model(tiny_checkpoints[name], dtype=torch.float32)
+    model = load_model(tiny_checkpoints[name], device="cpu", dtype=torch.float32)
     ids, mask = left_padded_batch(LENGTHS)
     right_ids, right_mask = right_aligned(ids, mask)
     masks = attention_masks(right_mask, 0, right_ids.shape[1], model.windows)
@@ -60,7 +60,7 @@ def test_old_style_rope_scaling_config(tiny_checkpoints, tmp_path):
     cfg["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}
     (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
     ids, mask = left_padded_batch(LENGTHS)
-    torch.testing.assert_close(load_model(tmp_path / "old", dtype=torch.float32)(ids, mask), load_model(src, dtype=torch.float32)(ids, mask), atol=0, rtol=0)
+    torch.testing.assert_close(load_model(tmp_path / "old", device="cpu", dtype=torch.float32)(ids, mask), load_model(src, device="cpu", dtype=torch.float32)(ids, mask), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2", "gemma2"])
@@ -72,14 +72,14 @@ def test_greedy_generation_matches_transformers(tiny_checkpoints, name):
     free = ref_model.generate(ids, eos_token_id=None, **common)
     eos = int(free[0, ids.shape[1] + 4])  # a token row 0 produces mid-way: it must stop there
     ref = ref_model.generate(ids, eos_token_id=eos, **common)
-    ours = generate(load_model(path, dtype=torch.float32), ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    ours = generate(load_model(path, device="cpu", dtype=torch.float32), ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(ours, ref)
     assert (ours[0, ids.shape[1] + 5:] == 0).all()
 
 
 def test_generation_without_cache_agrees(tiny_checkpoints):
     """The KV-cache path computes what a full forward over the grown sequence computes."""
-    model = load_model(tiny_checkpoints["gemma2"], dtype=torch.float32)
+    model = load_model(tiny_checkpoints["gemma2"], device="cpu", dtype=torch.float32)
     ids, mask = left_padded_batch(LENGTHS, seed=2)
     out = generate(model, ids, mask, max_new_tokens=6)
     full_mask = torch.cat([mask, torch.ones(len(LENGTHS), out.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
@@ -101,7 +101,7 @@ class RoutingProbe(torch.nn.Module):
 
 def test_routing_reaches_linears_per_model(tiny_checkpoints):
     """Adapters see the prompt mask at prefill, None while decoding; two models stay separate."""
-    a, b = load_model(tiny_checkpoints["llama3"], dtype=torch.float32), load_model(tiny_checkpoints["llama3"], dtype=torch.float32)
+    a, b = load_model(tiny_checkpoints["llama3"], device="cpu", dtype=torch.float32), load_model(tiny_checkpoints["llama3"], device="cpu", dtype=torch.float32)
     probe = RoutingProbe(a.layers[1].mlp.gate_proj, a.routing)
     a.layers[1].mlp.gate_proj = probe
     ids, mask = left_padded_batch(LENGTHS)
@@ -120,7 +120,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_checkpoints):
     ids, mask = left_padded_batch(LENGTHS)
     grads = []
     for checkpointing in (False, True):
-        model = load_model(tiny_checkpoints["qwen3"], dtype=torch.float32).train()
+        model = load_model(tiny_checkpoints["qwen3"], device="cpu", dtype=torch.float32).train()
         model.activation_checkpointing = checkpointing
         model(ids, mask)[mask.bool()].logsumexp(-1).sum().backward()
         grads.append(model.layers[0].mlp.gate_proj.weight.grad)

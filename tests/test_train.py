@@ -98,7 +98,7 @@ def test_sigint_to_a_subprocess_leaves_a_loadable_checkpoint(tiny_trainable, tmp
     assert "checkpoint saved" in output and "--resume" in output
     position = json.loads((out / "checkpoint" / "trainer.json").read_text())
     assert position["step"] == len(losses(out))
-    model = load_model(tiny_trainable, dtype=torch.float32)
+    model = load_model(tiny_trainable, device="cpu", dtype=torch.float32)
     train.add_adapters(model, "badit", num_experts=6, rank=4, init=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -384,7 +384,7 @@ def test_the_default_precision_keeps_adapters_optimizer_router_and_loss_in_float
 
     losses_by_dtype = {}
     for dtype in (torch.bfloat16, torch.float32):
-        model = load_model(tiny_trainable, dtype=dtype)
+        model = load_model(tiny_trainable, device="cpu", dtype=dtype)
         torch.manual_seed(0)
         add_adapters(model, "badit", dropout=0.0)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,108 @@
+"""The CUDA paths: SPEC section 8's precision on a GPU, k-means on the GPU, resume, generation against
+transformers. Each test needs a CUDA device and is skipped without one; on a GPU machine the default
+suite runs them (python -m pytest -m cuda runs them alone)."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+import data
+import train
+from badit import METHODS, add_adapters, routed_adapters, spherical_kmeans
+from conftest import ROOT, hf_model, interrupt_at, left_padded_batch
+from model import generate, load_model, load_tokenizer
+from test_badit import planted
+from test_model import LENGTHS
+from test_train import FAST, adapter_state_of, log_of, losses
+
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_kmeans import gradient_like  # noqa: E402
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+ON_GPU = [a for a in FAST if a not in ("--dtype", "float32")]  # the default precision: bf16 with autocast
+ON_GPU[ON_GPU.index("cpu")] = "cuda"
+
+
+@pytest.mark.parametrize("signal", ["SmolLM2-shaped gradients", "overlapping planted clusters"])
+def test_kmeans_on_cuda_gives_the_cpus_labels(signal):
+    """The regroup's clustering does not depend on where it runs: same seed, same signal, same labels."""
+    x = gradient_like(30, 24, 576 + 1536) if signal.startswith("SmolLM2") else planted(L=4, K=5, per=5, D=64, noise=0.6, seed=1)[0]
+    k = 6 if signal.startswith("SmolLM2") else 5
+    labels, centroids = spherical_kmeans(x, k, seed=3)
+    cuda_labels, cuda_centroids = spherical_kmeans(x.cuda(), k, seed=3)
+    assert torch.equal(cuda_labels.cpu(), labels)
+    torch.testing.assert_close(cuda_centroids.cpu(), centroids, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS + ("elrea",))
+def test_every_method_trains_and_evaluates_on_cuda_in_bf16(tiny_trainable, tmp_path, method):
+    out = tmp_path / method
+    extra = ["--tasks", "sort_ascending,sort_descending,copy_words", "--clusters", "2", "--proj-dim", "64"] if method == "elrea" else []
+    train.main(["--model", str(tiny_trainable), "--out", str(out), *ON_GPU, "--method", method, *extra])
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["precision"].startswith("bf16: native on this GPU")
+    if method == "elrea":
+        assert sum(json.loads((out / "elrea.json").read_text())["sizes"]) == 24  # every training example clustered
+    else:
+        steps = losses(out)
+        assert steps and all(torch.isfinite(torch.tensor(loss)) for _, loss in steps)
+        assert len([e for e in log_of(out) if "regroup" in e]) == (1 if method == "badit" else 0)
+    metrics = json.loads((out / "metrics_test.json").read_text())
+    assert set(metrics["per_task"]) == set(config["tasks"])
+
+
+def test_a_bf16_step_on_cuda_keeps_adapters_optimizer_router_and_loss_in_float32(tiny_trainable):
+    losses_by_dtype = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        model = load_model(tiny_trainable, device="cuda", dtype=dtype)
+        torch.manual_seed(0)
+        add_adapters(model, "badit", dropout=0.0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        tok = load_tokenizer(tiny_trainable)
+        ex = data.encode_examples(tok, data.load_tasks("classroom", ["sort_ascending"], "train", 4), ["sort_ascending"], 256)
+        x = data.collate(ex, tok.pad_token_id, "cuda")
+        loss = data.answer_loss(model, x) / x["answer"].sum()
+        loss.backward()
+        optimizer.step()
+        losses_by_dtype[dtype] = loss.item()
+        assert model.layers[0].mlp.gate_proj.base.weight.dtype == dtype and loss.dtype == torch.float32
+        assert all(p.is_cuda and p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
+        assert all(v.dtype == torch.float32 for s in optimizer.state.values() for k, v in s.items() if k != "step")
+        assert all(g.dtype == torch.float32 for g in model.routing.gates.values())
+        assert all(a.G.dtype == torch.float32 for a in routed_adapters(model).values())
+    # the same tolerance as on the CPU: bf16 keeps 8 bits of mantissa
+    assert losses_by_dtype[torch.bfloat16] == pytest.approx(losses_by_dtype[torch.float32], rel=2e-2)
+
+
+def test_resume_on_cuda_equals_an_uninterrupted_run(tiny_trainable, tmp_path, monkeypatch):
+    """Interrupted at step 3 of 12 and resumed, the run continues as if never stopped: the same dropout
+    masks, batches and optimizer state. Not bitwise: the fused attention's backward on CUDA adds in a
+    nondeterministic order, so two uninterrupted runs already differ in the last bits. A resume that
+    lost the RNG state (other dropout masks) misses these tolerances by far."""
+    extra = ["--method", "badit", "--epochs", "3", "--eval", "none", "--dropout", "0.3"]
+    train.main(["--model", str(tiny_trainable), "--out", str(tmp_path / "full"), *ON_GPU, *extra])
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        train.main(["--model", str(tiny_trainable), "--out", str(tmp_path / "cut"), *ON_GPU, *extra])
+    monkeypatch.undo()
+    train.main(["--out", str(tmp_path / "cut"), "--resume"])
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [s for s, _ in full] == [s for s, _ in cut]
+    assert [loss for _, loss in cut] == pytest.approx([loss for _, loss in full], rel=1e-3)
+    for a, b in zip(adapter_state_of(tmp_path / "full"), adapter_state_of(tmp_path / "cut")):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2", "gemma2"])
+def test_greedy_generation_on_cuda_equals_transformers_in_float32(tiny_checkpoints, name):
+    """The KV-cache decoding on CUDA, token for token (float32: no TF32 in either, so no near-tie flips)."""
+    ids, mask = (t.cuda() for t in left_padded_batch(LENGTHS, seed=1))
+    common = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ref = hf_model(tiny_checkpoints[name]).cuda().generate(ids, eos_token_id=None, **common)
+    ours = generate(load_model(tiny_checkpoints[name], device="cuda", dtype=torch.float32), ids, mask, max_new_tokens=12,
+                    eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, ref)
