@@ -296,16 +296,6 @@ def _best_moves(M, GM, sq, zz):
     return flat // k, flat % k, best > 1e-5  # float32 noise must not count as a gain
 
 
-def _in_order_of_first_member(labels, k):
-    """Renumber each problem's clusters in the order of their first member (L, N) -> (L, N): the labels
-    are then a function of the partition alone. Restarts that reach the same partition under other
-    numbers tie up to float rounding, which differs between devices."""
-    L, N = labels.shape
-    positions = torch.arange(N, device=labels.device).expand(L, N)
-    first = torch.full((L, k), N, device=labels.device).scatter_reduce(1, labels, positions, "amin")  # (L, k)
-    return first.argsort(dim=1, stable=True).argsort(dim=1, stable=True).gather(1, labels)
-
-
 def _reseed_empty(labels, sim, k):
     """An empty cluster takes the point least similar to its centroid (rare: a loop is fine)."""
     own = sim.gather(2, labels[..., None])[..., 0]
@@ -330,8 +320,8 @@ def spherical_kmeans(x, k: int, n_init: int = 10, max_iter: int = 100, seed: int
     z_i . c_k = (G M)_ik / ||S_k|| and ||S_k||^2 = (M^T G M)_kk for the one-hot assignment M: the
     D-dimensional data is read twice, for the Gram matrix and for the final centroids. Every
     problem uses the same random numbers, so a layer's result does not depend on the layers
-    batched with it. Runs on x's device; the random numbers are drawn on the CPU and clusters are
-    numbered in the order of their first member, so a seed gives the same labels on every device.
+    batched with it. Runs on x's device; the random numbers are drawn on the CPU, so every device
+    starts from the same k-means++ draws.
     Returns labels (L, N) and unit centroids (L, k, D) (without the L axis for 2-d input).
     """
     X = x.float()[None] if x.dim() == 2 else x.float()
@@ -371,7 +361,7 @@ def spherical_kmeans(x, k: int, n_init: int = 10, max_iter: int = 100, seed: int
     M = F.one_hot(labels, k).to(gram.dtype)
     total = (M * (gram @ M)).sum(1).clamp(min=0).sqrt().sum(-1)  # sum_k ||S_k||
     best = total.view(L, n_init).argmax(1)
-    labels = _in_order_of_first_member(labels.view(L, n_init, N)[torch.arange(L, device=X.device), best], k)
+    labels = labels.view(L, n_init, N)[torch.arange(L, device=X.device), best]
     weights = F.one_hot(labels, k).to(X.dtype) * inv_norm[..., None]  # (L, N, k): sums of unit vectors
     centroids = F.normalize(weights.transpose(1, 2) @ X, dim=-1, eps=1e-12)
     return (labels[0], centroids[0]) if x.dim() == 2 else (labels, centroids)

@@ -114,8 +114,6 @@ def test_kmeans_batched_equals_loop_and_is_seeded():
         torch.testing.assert_close(one_centroids, centroids[l])
     again = spherical_kmeans(x, 5, seed=3)
     assert torch.equal(again[0], labels) and torch.equal(again[1], centroids)
-    for row in labels:  # clusters numbered in the order of their first member
-        assert [int(row[i]) for i in sorted({int(c): int((row == c).nonzero()[0]) for c in row}.values())] == list(range(5))
 
 
 def test_kmeans_objective_not_worse_than_sklearn():

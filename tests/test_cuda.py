@@ -27,14 +27,18 @@ ON_GPU[ON_GPU.index("cpu")] = "cuda"
 
 
 @pytest.mark.parametrize("signal", ["SmolLM2-shaped gradients", "overlapping planted clusters"])
-def test_kmeans_on_cuda_gives_the_cpus_labels(signal):
-    """The regroup's clustering does not depend on where it runs: same seed, same signal, same labels."""
+def test_kmeans_on_cuda_gives_the_cpus_clusters(signal):
+    """The regroup's clustering does not depend on where it runs: same seed, same signal, same clusters.
+    Restarts that reach one partition under other cluster numbers tie up to float rounding, which differs
+    between devices, so the numbers may differ: each point's cluster mates and centroid must not."""
     x = gradient_like(30, 24, 576 + 1536) if signal.startswith("SmolLM2") else planted(L=4, K=5, per=5, D=64, noise=0.6, seed=1)[0]
     k = 6 if signal.startswith("SmolLM2") else 5
     labels, centroids = spherical_kmeans(x, k, seed=3)
-    cuda_labels, cuda_centroids = spherical_kmeans(x.cuda(), k, seed=3)
-    assert torch.equal(cuda_labels.cpu(), labels)
-    torch.testing.assert_close(cuda_centroids.cpu(), centroids, atol=1e-5, rtol=0)
+    cuda_labels, cuda_centroids = (t.cpu() for t in spherical_kmeans(x.cuda(), k, seed=3))
+    same_cluster = lambda lab: lab[:, :, None] == lab[:, None, :]  # noqa: E731
+    assert torch.equal(same_cluster(cuda_labels), same_cluster(labels))
+    own = lambda c, lab: c.gather(1, lab[..., None].expand(-1, -1, c.shape[-1]))  # noqa: E731  (L, N, D)
+    torch.testing.assert_close(own(cuda_centroids, cuda_labels), own(centroids, labels), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("method", METHODS + ("elrea",))
