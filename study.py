@@ -390,7 +390,9 @@ def markdown(name: str, s: dict) -> str:
              "ROUGE-L x100 per task, mean ± standard deviation over seeds (sample std); "
              "a difference counts only beyond seed noise (SPEC section 8).", ""]
     if not rows:
-        return "\n".join(lines + ["No cell has finished yet."]) + "\n"
+        base = s.get("base")
+        only = f"Only the base model has run: average ROUGE-L {base['rougeL']:.1f}." if base else "No cell has finished yet."
+        return "\n".join(lines + [only]) + "\n"
     base = s.get("base")
     columns = ["task"] + (["base model"] if base else []) + heads
     lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
