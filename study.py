@@ -554,7 +554,9 @@ def main(argv=None):
         study = custom_study(args, train_flags)
     else:
         raise InputError(f"{args.name!r} is not a named study ({', '.join(STUDIES)}); for a custom grid give --methods.")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: the cell checkpoints
+    # SIGTERM, and SIGINT even where the shell ignores it (nohup ... &), stop like Ctrl-C: the cell checkpoints
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     try:
         run_study(args.name, study, args.launcher, args.nproc, args.dir)
     except KeyboardInterrupt:
