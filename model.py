@@ -578,9 +578,10 @@ def _checkpoint_tensors(path: Path):
 
 
 def resolve_device(name=None) -> torch.device:
-    """--device: cpu, cuda or cuda:N (default: cuda when available), checked before any work starts."""
+    """--device: cpu, cuda or cuda:N (default: cuda when available), checked before any work starts. A GPU
+    always gets its index (cuda means cuda:0): torch.cuda.set_device refuses a bare "cuda"."""
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -591,7 +592,7 @@ def resolve_device(name=None) -> torch.device:
         raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
     if device.type not in ("cpu", "cuda"):
         raise InputError(f"--device {name}: only cpu and cuda are supported.")
-    return device
+    return torch.device("cuda", device.index or 0) if device.type == "cuda" else device
 
 
 def native_bf16(device: torch.device) -> str | None:

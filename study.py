@@ -389,11 +389,10 @@ def markdown(name: str, s: dict) -> str:
     lines = [f"# Study `{name}`", "", f"Command: `{s['command']}`", "",
              "ROUGE-L x100 per task, mean ± standard deviation over seeds (sample std); "
              "a difference counts only beyond seed noise (SPEC section 8).", ""]
+    base = s.get("base")
     if not rows:
-        base = s.get("base")
         only = f"Only the base model has run: average ROUGE-L {base['rougeL']:.1f}." if base else "No cell has finished yet."
         return "\n".join(lines + [only]) + "\n"
-    base = s.get("base")
     columns = ["task"] + (["base model"] if base else []) + heads
     lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for t in s["tasks"]:

@@ -193,8 +193,9 @@ def setup_distributed(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     device = resolve_device(args.device)
-    if device.type == "cuda":  # an explicit index: set_device refuses a bare "cuda"
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else device.index or 0)
+    if device.type == "cuda":
+        if world > 1:
+            device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))  # rank 0 evaluates alone

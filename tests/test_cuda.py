@@ -8,14 +8,13 @@ import sys
 import pytest
 import torch
 
-import data
 import train
-from badit import METHODS, add_adapters, routed_adapters, spherical_kmeans
+from badit import METHODS, spherical_kmeans
 from conftest import ROOT, hf_model, interrupt_at, left_padded_batch
-from model import generate, load_model, load_tokenizer
+from model import generate, load_model
 from test_badit import planted
 from test_model import LENGTHS
-from test_train import FAST, adapter_state_of, log_of, losses
+from test_train import FAST, adapter_state_of, log_of, losses, one_step_keeps_float32_state
 
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_kmeans import gradient_like  # noqa: E402
@@ -59,27 +58,7 @@ def test_every_method_trains_and_evaluates_on_cuda_in_bf16(tiny_trainable, tmp_p
 
 
 def test_a_bf16_step_on_cuda_keeps_adapters_optimizer_router_and_loss_in_float32(tiny_trainable):
-    losses_by_dtype = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        model = load_model(tiny_trainable, device="cuda", dtype=dtype)
-        torch.manual_seed(0)
-        add_adapters(model, "badit", dropout=0.0)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-3)
-        tok = load_tokenizer(tiny_trainable)
-        ex = data.encode_examples(tok, data.load_tasks("classroom", ["sort_ascending"], "train", 4), ["sort_ascending"], 256)
-        x = data.collate(ex, tok.pad_token_id, "cuda")
-        loss = data.answer_loss(model, x) / x["answer"].sum()
-        loss.backward()
-        optimizer.step()
-        losses_by_dtype[dtype] = loss.item()
-        assert model.layers[0].mlp.gate_proj.base.weight.dtype == dtype and loss.dtype == torch.float32
-        assert all(p.is_cuda and p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
-        assert all(v.dtype == torch.float32 for s in optimizer.state.values() for k, v in s.items() if k != "step")
-        assert all(g.dtype == torch.float32 for g in model.routing.gates.values())
-        assert all(a.G.dtype == torch.float32 for a in routed_adapters(model).values())
-    # the same tolerance as on the CPU: bf16 keeps 8 bits of mantissa
-    assert losses_by_dtype[torch.bfloat16] == pytest.approx(losses_by_dtype[torch.float32], rel=2e-2)
+    one_step_keeps_float32_state(tiny_trainable, "cuda")
 
 
 def test_resume_on_cuda_equals_an_uninterrupted_run(tiny_trainable, tmp_path, monkeypatch):

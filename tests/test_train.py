@@ -370,39 +370,45 @@ def native_cpu_bf16():
         pytest.skip("this CPU has no native bf16 matrix instructions: the default there is float32")
 
 
-def test_the_default_precision_keeps_adapters_optimizer_router_and_loss_in_float32(tiny_trainable, tmp_path):
-    """SPEC section 8: on a CPU with native bf16 the default is bf16 weights + autocast, with float32
-    adapter parameters, optimizer state, router softmax and loss."""
+def one_step_keeps_float32_state(model_dir, device: str):
+    """SPEC section 8: one badit step with bf16 weights (autocast) and one with float32 weights on `device`:
+    adapter parameters, their gradients, AdamW state, router gates and loss are float32 in both."""
     import data
     from badit import add_adapters, routed_adapters
 
+    losses_by_dtype = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        model = load_model(model_dir, device=device, dtype=dtype)
+        torch.manual_seed(0)
+        add_adapters(model, "badit", dropout=0.0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        tok = train.load_tokenizer(model_dir)
+        ex = data.encode_examples(tok, data.load_tasks("classroom", ["sort_ascending"], "train", 4), ["sort_ascending"], 256)
+        x = data.collate(ex, tok.pad_token_id, device)
+        loss = data.answer_loss(model, x) / x["answer"].sum()
+        loss.backward()
+        optimizer.step()
+        losses_by_dtype[dtype] = loss.item()
+        assert model.layers[0].mlp.gate_proj.base.weight.dtype == dtype and loss.dtype == torch.float32
+        assert all(p.device.type == device and p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
+        assert all(v.dtype == torch.float32 for s in optimizer.state.values() for k, v in s.items() if k != "step")
+        assert all(g.dtype == torch.float32 for g in model.routing.gates.values())  # the router's gates
+        assert all(a.G.dtype == torch.float32 for a in routed_adapters(model).values())
+    # the same step in bf16 and float32: the loss agrees to bf16's precision (8 bits of mantissa, 30 matmuls deep)
+    assert losses_by_dtype[torch.bfloat16] == pytest.approx(losses_by_dtype[torch.float32], rel=2e-2)
+
+
+def test_the_default_precision_keeps_adapters_optimizer_router_and_loss_in_float32(tiny_trainable, tmp_path):
+    """SPEC section 8: on a CPU with native bf16 the default is bf16 weights + autocast, with float32
+    adapter parameters, optimizer state, router softmax and loss."""
     native_cpu_bf16()
     argv = [a for a in FAST if a not in ("--dtype", "float32")]
     train.main(["--model", str(tiny_trainable), "--out", str(tmp_path / "run"), *argv, "--eval", "none", "--method", "badit"])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["precision"].startswith("bf16: native on this CPU")
 
-    losses_by_dtype = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        model = load_model(tiny_trainable, device="cpu", dtype=dtype)
-        torch.manual_seed(0)
-        add_adapters(model, "badit", dropout=0.0)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-3)
-        tok = train.load_tokenizer(tiny_trainable)
-        ex = data.encode_examples(tok, data.load_tasks("classroom", ["sort_ascending"], "train", 4), ["sort_ascending"], 256)
-        x = data.collate(ex, tok.pad_token_id)
-        loss = data.answer_loss(model, x) / x["answer"].sum()
-        loss.backward()
-        optimizer.step()
-        losses_by_dtype[dtype] = loss.item()
-        assert model.layers[0].mlp.gate_proj.base.weight.dtype == dtype and loss.dtype == torch.float32
-        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params)
-        assert all(v.dtype == torch.float32 for s in optimizer.state.values() for k, v in s.items() if k != "step")
-        assert all(g.dtype == torch.float32 for g in model.routing.gates.values())  # the router's gates
-        assert all(a.G.dtype == torch.float32 for a in routed_adapters(model).values())
-    # the same step in bf16 and float32: the loss agrees to bf16's precision (8 bits of mantissa, 30 matmuls deep)
-    assert losses_by_dtype[torch.bfloat16] == pytest.approx(losses_by_dtype[torch.float32], rel=2e-2)
+    one_step_keeps_float32_state(tiny_trainable, "cpu")
 
 
 def test_resume_is_bitwise_in_bf16(tiny_trainable, tmp_path, monkeypatch):
