@@ -185,7 +185,7 @@ def main():
     if args.side:
         return run_side(args)
 
-    print(f"demo model, SuperNI batches of {args.batch_size}, max length {args.max_len}, {args.steps} timed steps "
+    print(f"{Path(args.model).name}, SuperNI batches of {args.batch_size}, max length {args.max_len}, {args.steps} timed steps "
           f"after {args.warmup}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for dtype in args.dtypes.split(","):
         results = {}

@@ -4,12 +4,13 @@ suite runs them (python -m pytest -m cuda runs them alone)."""
 
 import json
 import sys
+import warnings
 
 import pytest
 import torch
 
 import train
-from badit import METHODS, spherical_kmeans
+from badit import METHODS, add_adapters, spherical_kmeans
 from conftest import ROOT, hf_model, interrupt_at, left_padded_batch
 from model import generate, load_model
 from test_badit import planted
@@ -59,6 +60,36 @@ def test_every_method_trains_and_evaluates_on_cuda_in_bf16(tiny_trainable, tmp_p
 
 def test_a_bf16_step_on_cuda_keeps_adapters_optimizer_router_and_loss_in_float32(tiny_trainable):
     one_step_keeps_float32_state(tiny_trainable, "cuda")
+
+
+def waits_in_a_step(model_dir, method) -> int:
+    """How many times one bf16 forward + backward makes the host wait for the GPU (after a warm-up step)."""
+    import data
+
+    model = load_model(model_dir, device="cuda", dtype=torch.bfloat16)
+    add_adapters(model, method, num_tasks=1)
+    tok = train.load_tokenizer(model_dir)
+    ex = data.encode_examples(tok, data.load_tasks("classroom", ["sort_ascending"], "train", 4), ["sort_ascending"], 256)
+    x = data.collate(ex, tok.pad_token_id, "cuda")
+    data.answer_loss(model, x, use_task_ids=True).backward()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            data.answer_loss(model, x, use_task_ids=True).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "lora"])
+def test_no_adapter_makes_the_gpu_wait(tiny_trainable, method):
+    """A step waits for the GPU only where the model itself must (the padding check, picking the answer
+    tokens), the same for every method: no router or gate adds a wait. Each wait stops the host from
+    queueing work ahead of the GPU; repeat_interleave with an int count is one per call (measured with
+    set_sync_debug_mode on an H100), one per adapted layer before badit.per_component replaced it."""
+    assert waits_in_a_step(tiny_trainable, method) == waits_in_a_step(tiny_trainable, "lora")
 
 
 def test_resume_on_cuda_equals_an_uninterrupted_run(tiny_trainable, tmp_path, monkeypatch):
