@@ -72,12 +72,6 @@ class Adapter(nn.Module):
         return self.base(x) + (h @ self.B.to(x.dtype).T) * self.scaling  # (B, L, m)
 
 
-def per_component(gates, size: int):
-    """(B, E) -> (B, E size): each block's gate repeated over its `size` components. The same values as
-    repeat_interleave(size, dim=1), whose CUDA kernel waits for the GPU to learn its output size."""
-    return gates[:, :, None].expand(-1, -1, size).flatten(1)
-
-
 class LoRA(Adapter):
     """lora and pissa: one low-rank update of rank N = r_lora, no router.
 
@@ -111,7 +105,7 @@ class MoE(Adapter):
         if self.top_k is not None:  # keep the k largest gates, renormalise to sum to 1
             kept = torch.zeros_like(g).scatter(1, g.topk(self.top_k, dim=-1).indices, 1.0)
             g = g * kept / (g * kept).sum(-1, keepdim=True)
-        c = per_component(self.num_experts * g, self.rank)  # (B, N); 1 when uniform
+        c = (self.num_experts * g).repeat_interleave(self.rank, dim=1)  # (B, N); 1 when uniform
         self.routing.gates[self] = c
         return c
 
@@ -134,7 +128,7 @@ class CGC(Adapter):
         own = self.common + task_ids[:, None] * self.specific + torch.arange(self.specific, device=g.device)
         visible = torch.cat([torch.arange(self.common, device=g.device).expand(len(task_ids), -1), own], 1)
         experts = torch.zeros(len(task_ids), self.common + self.num_tasks * self.specific, device=g.device)
-        return per_component(experts.scatter(1, visible, g), self.rank)  # 0 on other tasks' experts
+        return experts.scatter(1, visible, g).repeat_interleave(self.rank, dim=1)  # 0 on other tasks' experts
 
     def coefficients(self, x):
         if self.routing.task_ids is None:
@@ -155,7 +149,7 @@ class Ensemble(Adapter):
         if self.routing.task_ids is None:
             raise InputError("an elrea ensemble needs the member index of every row: pass task_ids=(B,).")
         member = F.one_hot(self.routing.task_ids.to(x.device), self.members).float()  # (B, M)
-        return per_component(member, self.lora_rank)  # (B, N): 1 on the row's member's block
+        return member.repeat_interleave(self.lora_rank, dim=1)  # (B, N): 1 on the row's member's block
 
 
 # ----------------------------------------------------------------------------------------------

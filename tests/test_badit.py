@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from badit import (METHODS, accumulate_regroup_signal, add_adapters, adapters_of, balanced_assignment,
                    export_peft, hungarian, load_adapters, merge_adapters, permutation_in_place, regroup,
-                   per_component, routed_adapters, save_adapters, spherical_kmeans)
+                   routed_adapters, save_adapters, spherical_kmeans)
 from conftest import left_padded_batch
 from model import generate, load_model
 
@@ -239,18 +239,6 @@ def test_a_changed_partition_moves_only_the_components_that_changed(tiny_checkpo
     swapped = list(range(24))
     swapped[1], swapped[6] = 6, 1  # each takes the other's slot; every router row keeps its components
     assert all(p == swapped for p in d["permutations"].values())
-
-
-def test_per_component_is_repeat_interleave_in_values_and_gradients():
-    """The routers' gates spread over each expert's r components: what repeat_interleave computes, also bitwise
-    in the backward (so the CPU runs in results/, made with repeat_interleave, stay exact)."""
-    gates = torch.randn(64, 6, requires_grad=True)  # float32, as the routers compute them
-    weights = torch.randn(64, 24)
-    expected = gates.repeat_interleave(4, dim=1)
-    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), gates)
-    spread = per_component(gates, 4)
-    (grad,) = torch.autograd.grad((spread * weights).sum(), gates)
-    assert torch.equal(spread, expected) and torch.equal(grad, grad_expected)
 
 
 def test_lora_is_six_experts_without_a_router(tiny_checkpoints):
