@@ -156,14 +156,20 @@ def commands(cell: Cell, study: dict, work: Path, python: list) -> list[list]:
 
 
 def progress(run: Path):
-    """(steps done, steps in all) of a running cell, from its newest log.jsonl."""
+    """Where a running cell is, from its newest log.jsonl: (stretch, first step, steps done, steps in all).
+    A stretch is what the bar times from its first step: the run, a task of a single-task run or an
+    ELREA stage (their folders), a phase of a continual run, each begun anew by a resume."""
     logs = sorted(run.glob("**/log.jsonl"), key=lambda p: p.stat().st_mtime)
-    if not logs:
-        return 0, 0
-    lines = [json.loads(line) for line in logs[-1].read_text().splitlines() if line.strip()]
-    starts = [e for e in lines if "total_steps" in e]
-    steps = [e["step"] for e in lines if "loss" in e]
-    return (steps[-1] if steps else 0), (starts[-1]["total_steps"] if starts else 0)
+    # whole lines only: train.py may be writing the last one
+    lines = [json.loads(line) for line in logs[-1].read_text().split("\n")[:-1] if line.strip()] if logs else []
+    starts = [i for i, e in enumerate(lines) if "total_steps" in e]
+    if not starts:
+        return None, 0, 0, 0
+    start = lines[starts[-1]]
+    steps = [e["step"] for e in lines[starts[-1]:] if "loss" in e]
+    folder = logs[-1].parent.relative_to(run).as_posix()
+    name = ([] if folder == "." else [folder]) + ([f"phase {start['phase'] + 1}"] if start["phase"] else [])
+    return (" ".join(name), len(starts)), start["step"], (steps[-1] if steps else start["step"]), start["total_steps"]
 
 
 def run_cell(cell: Cell, study: dict, work: Path, python: list, bar):
@@ -187,12 +193,20 @@ def run_commands(cell: Cell, cmds: list, logs: Path, work: Path, bar):
             # one would stop train.py without a checkpoint)
             proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                                     start_new_session=True)
+            seen = None
             try:
                 while proc.poll() is None:
                     time.sleep(1)
-                    if cell.kind == "train":
-                        bar.n, bar.total = progress(work / cell.id)
-                        bar.refresh()
+                    if cell.kind != "train":
+                        continue
+                    phase, first, n, total = progress(work / cell.id)
+                    if phase != seen:  # time the bar from where this task, phase or resume began
+                        seen = phase
+                        bar.reset(total)
+                        bar.initial = first
+                        bar.set_description(f"{cell.id} {phase[0]}".strip() if phase else cell.id)
+                    bar.n, bar.total = n, total
+                    bar.refresh()
             except KeyboardInterrupt:
                 proc.send_signal(signal.SIGINT)  # train.py saves a checkpoint at the end of its step
                 proc.wait()

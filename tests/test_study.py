@@ -25,6 +25,29 @@ def test_paired_permutation_test_known_values():
     assert study.paired_permutation_test(noise) > 0.05
 
 
+def test_the_cell_bar_times_each_task_phase_and_resume_from_its_own_start(tmp_path):
+    def log(folder, *entries, partial=""):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(e) + "\n" for e in entries) + partial
+        (tmp_path / folder / "log.jsonl").write_text(text)
+        time.sleep(0.01)  # the newest log is found by modification time
+
+    def steps(phase, first, last):
+        return [dict(phase=phase, step=s, loss=1.0) for s in range(first + 1, last + 1)]
+
+    assert study.progress(tmp_path) == (None, 0, 0, 0)
+    # a run resumed at step 26 of 180, its last line half written
+    log(".", dict(phase=0, step=0, total_steps=180), *steps(0, 0, 26), dict(phase=0, step=26, total_steps=180),
+        *steps(0, 26, 30), partial='{"phase": 0, "st')
+    assert study.progress(tmp_path) == (("", 2), 26, 30, 180)
+    # single-task runs: the newest task's folder; continual: the phase after the first
+    log("task_a", dict(phase=0, step=0, total_steps=12), *steps(0, 0, 12))
+    log("task_b", dict(phase=0, step=0, total_steps=12), *steps(0, 0, 5))
+    assert study.progress(tmp_path) == (("task_b", 1), 0, 5, 12)
+    log("task_c", dict(phase=0, step=0, total_steps=12), *steps(0, 0, 12), dict(phase=1, step=0, total_steps=12))
+    assert study.progress(tmp_path) == (("task_c phase 2", 2), 0, 0, 12)
+
+
 def write_cell(results, id, method, seed, setting="mtl", variant="", scores=None):
     folder = results / "cells" / id
     folder.mkdir(parents=True)
