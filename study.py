@@ -199,12 +199,12 @@ def run_commands(cell: Cell, cmds: list, logs: Path, work: Path, bar):
                     time.sleep(1)
                     if cell.kind != "train":
                         continue
-                    phase, first, n, total = progress(work / cell.id)
-                    if phase != seen:  # time the bar from where this task, phase or resume began
-                        seen = phase
+                    stretch, first, n, total = progress(work / cell.id)
+                    if stretch != seen:  # time the bar from where this task, phase or resume began
+                        seen = stretch
                         bar.reset(total)
                         bar.initial = first
-                        bar.set_description(f"{cell.id} {phase[0]}".strip() if phase else cell.id)
+                        bar.set_description(f"{cell.id} {stretch[0]}".strip() if stretch else cell.id)
                     bar.n, bar.total = n, total
                     bar.refresh()
             except KeyboardInterrupt:

@@ -26,11 +26,14 @@ def test_paired_permutation_test_known_values():
 
 
 def test_the_cell_bar_times_each_task_phase_and_resume_from_its_own_start(tmp_path):
+    written = []
+
     def log(folder, *entries, partial=""):
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(e) + "\n" for e in entries) + partial
-        (tmp_path / folder / "log.jsonl").write_text(text)
-        time.sleep(0.01)  # the newest log is found by modification time
+        file = tmp_path / folder / "log.jsonl"
+        file.write_text("".join(json.dumps(e) + "\n" for e in entries) + partial)
+        written.append(file)
+        os.utime(file, (len(written), len(written)))  # the newest log is found by modification time
 
     def steps(phase, first, last):
         return [dict(phase=phase, step=s, loss=1.0) for s in range(first + 1, last + 1)]
