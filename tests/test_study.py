@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import study
+from eval import continual_metrics
 from conftest import ROOT
 
 
@@ -74,6 +75,10 @@ def test_the_summary_equals_a_direct_computation(tmp_path):
     for seed in (0, 1):  # a variant (two seeds only) is compared with its own method on the seeds they share
         scores = {t: float(rng.uniform(20, 90)) for t in ("a", "b")}
         cells.append(write_cell(tmp_path, f"badit-float32-s{seed}", "badit", seed, variant="float32", scores=scores))
+    # a continual run of lora at seed 0, tasks in the order b, a: Fwt against lora's single-task run at seed 0
+    matrix = [[30.0, 70.0], [25.0, 60.0]]  # a[j][i]: after the j-th task, on the i-th task of the order
+    cells.append(write_cell(tmp_path, "lora-continual-s0", "lora", 0, "continual", scores={"a": 60.0, "b": 25.0}))
+    (tmp_path / "cells" / "lora-continual-s0" / "continual.json").write_text(json.dumps({"order": ["b", "a"], "rougeL": matrix}))
     (tmp_path / "study.json").write_text(json.dumps({"command": "python study.py test", "flags": [], "reference": "lora", "cells": cells}))
     s = study.summarise(tmp_path)
     read = lambda id: json.loads((tmp_path / "cells" / id / "metrics_test.json").read_text())  # noqa: E731
@@ -95,8 +100,15 @@ def test_the_summary_equals_a_direct_computation(tmp_path):
     against = s["rows"]["badit [float32]"]["against_method"]
     assert against["pairs"] == 4 and against["mean_difference"] == pytest.approx(np.mean(diffs))
     assert "against_method" not in s["rows"]["badit"]
+    single = read("lora-single-s0")["per_task"]
+    expected = continual_metrics(matrix, [single["b"]["rougeL"], single["a"]["rougeL"]])
+    assert s["continual"]["lora (seed 0)"] == pytest.approx(expected) and "Fwt" in expected
     text = study.markdown("test", s)
-    assert "| badit [float32] | 4 |" in text
+    assert f"| lora (seed 0) | {expected['AP']:.1f} | {expected['Fgt']:.1f} | {expected['Fwt']:.1f} | {expected['Bwt']:.1f} |" in text
+    # two shared seeds are an anecdote whatever p says (the variant against lora and against badit); three get the test's reading
+    assert "| badit [float32] | 4 |" in text and text.count("2 seeds: an anecdote, not a comparison") == 2
+    assert "| badit | 6 |" in text and "anecdote" not in next(line for line in text.splitlines() if line.startswith("| badit | 6 |"))
+    assert against["seeds"] == 2 and s["rows"]["badit"]["against_reference"]["seeds"] == 3
     mean, std = np.mean([m["rougeL"] for m in (read(f"badit-s{seed}") for seed in (0, 1, 2))]), None
     assert f"**{mean:.1f} ± " in text and "colla" in text
 
