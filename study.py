@@ -206,7 +206,8 @@ def run_commands(cell: Cell, cmds: list, logs: Path, work: Path, bar):
                         bar.initial = first
                         bar.set_description(f"{cell.id} {stretch[0]}".strip() if stretch else cell.id)
                     bar.n, bar.total = n, total
-                    bar.refresh()
+                    # evaluation and ELREA's feature and generation stages log no steps: say where to look
+                    bar.set_postfix_str(f"steps done; see logs/{cell.id}.out" if total and n >= total else "")
             except KeyboardInterrupt:
                 proc.send_signal(signal.SIGINT)  # train.py saves a checkpoint at the end of its step
                 proc.wait()
