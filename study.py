@@ -199,12 +199,15 @@ def run_commands(cell: Cell, cmds: list, logs: Path, work: Path, bar):
                     time.sleep(1)
                     if cell.kind != "train":
                         continue
-                    stretch, first, n, total = progress(work / cell.id)
+                    try:
+                        stretch, first, n, total = progress(work / cell.id)
+                    except FileNotFoundError:  # a checkpoint renamed into place under the glob: look again
+                        continue
                     if stretch != seen:  # time the bar from where this task, phase or resume began
                         seen = stretch
                         bar.reset(total)
                         bar.initial = first
-                        bar.set_description(f"{cell.id} {stretch[0]}".strip() if stretch else cell.id)
+                        bar.set_description(f"{cell.id} {stretch[0]}".strip() if stretch else cell.id, refresh=False)
                     bar.n, bar.total = n, total
                     # evaluation and ELREA's feature and generation stages log no steps: say where to look
                     bar.set_postfix_str(f"steps done; see logs/{cell.id}.out" if total and n >= total else "")

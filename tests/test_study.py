@@ -52,6 +52,24 @@ def test_the_cell_bar_times_each_task_phase_and_resume_from_its_own_start(tmp_pa
     assert study.progress(tmp_path) == (("task_c phase 2", 2), 0, 0, 12)
 
 
+def test_a_checkpoint_vanishing_under_the_progress_glob_does_not_stop_the_study(tmp_path, monkeypatch):
+    # train.py renames checkpoint.new into place while the study globs the run for log.jsonl
+    calls = []
+
+    def progress(run):
+        calls.append(run)
+        if len(calls) == 1:
+            raise FileNotFoundError(run / "checkpoint.new")
+        return ("", 1), 0, 3, 12
+
+    monkeypatch.setattr(study, "progress", progress)
+    cell = study.Cell(id="c", method="lora", seed=0)
+    bar = study.tqdm(total=0, disable=True)
+    (tmp_path / "logs").mkdir()
+    study.run_commands(cell, [[sys.executable, "-c", "import time; time.sleep(2.5)"]], tmp_path / "logs", tmp_path, bar)
+    assert len(calls) >= 2 and (bar.n, bar.total) == (3, 12)
+
+
 def write_cell(results, id, method, seed, setting="mtl", variant="", scores=None):
     folder = results / "cells" / id
     folder.mkdir(parents=True)
