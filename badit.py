@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import InputError, MissingFile
+from checks import InputError, MissingFile
+from files import atomic_write
 from model import read_json, read_safetensors
 
 METHODS = ("lora", "pissa", "loramoe", "badit-noregroup", "badit", "cgc")  # trained by train.py's loop
@@ -169,9 +168,7 @@ def svd_init_experts(adapter: Adapter):
     s B[:, j] A[j] = S_j u_j v_j^T; expert e gets triplets e r .. e r + r - 1 (expert 0 the largest).
     The frozen weight becomes the residual W0 - s B0 A0, so the model starts at its own function.
     """
-    N, (m, n) = adapter.A.shape[0], adapter.base.weight.shape
-    if N > min(m, n):
-        raise InputError(f"{N} components (experts x rank) exceed min(out, in) = {min(m, n)} of a {m} x {n} layer; lower the rank or the number of experts.")
+    N = adapter.A.shape[0]  # add_adapters checked that N <= min(m, n)
     U, S, Vh = torch.linalg.svd(adapter.base.weight.float(), full_matrices=False)
     root = (S[:N] / adapter.scaling).sqrt()
     with torch.no_grad():
@@ -202,8 +199,6 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=6, rank
     Returns (and prints, and keeps as model.adapter_config) the method, its hyperparameters, the
     trainable-parameter count and the rank active per example.
     """
-    if method not in ADAPTERS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(ADAPTERS)}.")
     if method == "elrea" and not members:
         raise InputError("an elrea ensemble needs members (its base LoRA and one LoRA per cluster).")
     if method == "cgc" and not num_tasks:
@@ -214,10 +209,7 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=6, rank
         raise InputError(f"--top-k is for loramoe only: {why}. Leave --top-k out for {method}.")
     if top_k is not None and not 1 <= top_k <= num_experts:
         raise InputError(f"--top-k {top_k} must be between 1 and --num-experts ({num_experts}).")
-    names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name.split(".")[-1] in targets]
-    if not names:
-        linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise InputError(f"targets {tuple(targets)} match no linear layer; the model's linear layers are named {', '.join(linears)}.")
+    names = check_adapters(model, method, targets, num_experts, rank, lora_rank)
     lora_rank = lora_rank or num_experts * rank
     config = dict(method=method, targets=list(targets), num_experts=num_experts, rank=rank, alpha=alpha, dropout=dropout,
                   lora_rank=lora_rank, top_k=top_k, num_tasks=num_tasks, common_experts=common_experts, task_experts=task_experts,
@@ -249,6 +241,28 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=6, rank
           f"parameters, active rank {config['active_rank']} per example")
     model.adapter_config = config
     return config
+
+
+def check_adapters(model, method: str, targets, num_experts: int, rank: int, lora_rank: int | None) -> list[str]:
+    """The names of the linears `targets` selects, refusing an unknown method, targets that match no linear
+    layer, and SVD components that do not fit a layer (SPEC section 3.1). Works on a model on the meta
+    device, so that a run can check its adapters before any weight is loaded."""
+    if method not in ADAPTERS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(ADAPTERS)}.")
+    linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    names = [name for name in linears if name.split(".")[-1] in targets]
+    unmatched = [t for t in targets if not any(name.split(".")[-1] == t for name in names)]
+    if unmatched:
+        kinds = sorted({n.split(".")[-1] for n in linears})
+        raise InputError(f"--targets {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} no linear layer; the "
+                         f"model's linear layers are named {', '.join(kinds)}.")
+    N = (lora_rank or num_experts * rank) if method == "pissa" else num_experts * rank
+    for name in names if method in SVD_METHODS else []:
+        m, n = linears[name].weight.shape
+        if N > min(m, n):
+            raise InputError(f"{N} SVD components ({'--lora-rank' if method == 'pissa' else 'experts x rank'}) exceed "
+                             f"min(out, in) = {min(m, n)} of {name} ({m} x {n}); lower the rank or the number of experts.")
+    return names
 
 
 def adapters_of(model) -> dict[str, Adapter]:
@@ -523,7 +537,8 @@ def regroup(model, optimizer=None, signal: str = "accumulated", n_init: int = 10
     """Regroup every routed adapter's components by spherical k-means of their gradient directions (SPEC section 5).
 
     signal: "accumulated" (summed since the last regroup, the default) or "last" (the last optimizer
-    step's gradient only, the reference code's behaviour). Layers of equal shape are clustered in
+    step's gradient only, the reference code's behaviour). seed: the k-means++ draws'; train.py derives it
+    from (run seed, phase, regroup index), so that successive regroups do not reuse the same draws. Layers of equal shape are clustered in
     one batch on the parameters' device; the clusters are matched to the current experts, then each
     layer gets an exact balanced permutation. sync (data parallel): maps {layer: permutation} to the
     permutations to apply, e.g. rank 0's everywhere. The permutation is applied to A, B, their
@@ -570,20 +585,6 @@ def regroup(model, optimizer=None, signal: str = "accumulated", n_init: int = 10
 
 # ----------------------------------------------------------------------------------------------
 # Saving, loading, exporting, merging
-
-
-def atomic_write(path, write):
-    """write(tmp) to a temporary file beside path, then rename it over path: readers see the old file or
-    the new one, never a half-written one (the project's one way to write a file it may read back)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
@@ -680,10 +681,14 @@ def export_peft(model, out_dir, base_model_name_or_path: str = ""):
 @torch.no_grad()
 def merge_adapters(model, task_id: int | None = None):
     """Fold lora, pissa or one task's cgc adapter into the base weights and remove the adapters:
-    W <- W + s B diag(c) A. Routed methods cannot merge: their gate depends on each input."""
+    W <- W + s B diag(c) A. Only a fixed c can be folded in: a router's gate depends on each input, and
+    ELREA's ensemble weighs its members' logits per query, which no single weight matrix computes."""
     for name, a in adapters_of(model).items():
         if isinstance(a, MoE):
             raise InputError("loramoe / badit gates depend on each input, so they cannot be merged into the weights.")
+        if isinstance(a, Ensemble):
+            raise InputError("an elrea ensemble mixes its members' logits with per-query weights, which no weight "
+                             "matrix computes: it cannot be merged (merge one member's LoRA, base/ or experts/c<k>/).")
         if isinstance(a, CGC) and task_id is None:
             raise InputError("merging a cgc adapter needs task_id: its gate depends on the task.")
         c = a.task_coefficients(torch.tensor([task_id], device=a.A.device))[0] if isinstance(a, CGC) else 1.0

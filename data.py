@@ -11,15 +11,17 @@ deterministically, in the same format: `python data.py --export DIR` writes it t
 """
 
 import argparse
+import hashlib
 import json
-import math
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from checks import InputError, MissingFile, command
+from files import new_folder, write_json
 
 # SPEC section 7, exactly; note the trailing space after "Output:".
 PROMPT = "{definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
@@ -29,59 +31,6 @@ CLASSROOM = "classroom"
 
 def format_prompt(definition: str, input: str) -> str:
     return PROMPT.format(definition=definition, input=input)
-
-
-# ----------------------------------------------------------------------------------------------
-# Errors the user can fix. Every module raises these for bad input; every command line prints them
-# as one paragraph (what, which file / flag / field, the fix) and exits 2, without a traceback.
-# Any other exception is a bug and keeps its traceback.
-
-
-class InputError(ValueError):
-    """Bad input: a flag, a file or a field. The message names it and says how to fix it."""
-
-
-class MissingFile(InputError, FileNotFoundError):
-    """A file or folder the user pointed at does not exist."""
-
-
-def number(kind, low=None, high=None, low_open=False, high_open=False):
-    """An argparse type: a finite int or float within bounds; argparse prints the flag's name with the error."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if not math.isfinite(value) or too_low or too_high:
-            bounds = " and ".join(b for b in (low is not None and f"{'>' if low_open else '>='} {low}",
-                                              high is not None and f"{'<' if high_open else '<='} {high}") if b)
-            raise argparse.ArgumentTypeError(f"{text} must be {bounds}")
-        return value
-    return parse
-
-
-positive_int = number(int, 1)
-
-
-def names(text):
-    """An argparse type: a comma-separated list of distinct, non-empty names."""
-    items = [t.strip() for t in text.split(",")]
-    if not text.strip() or not all(items):
-        raise argparse.ArgumentTypeError(f"{text!r} has an empty name; give comma-separated names, e.g. a,b")
-    if len(set(items)) < len(items):
-        raise argparse.ArgumentTypeError(f"{text!r} names something twice")
-    return items
-
-
-def cli(main):
-    """Run a command-line main(): an InputError is printed as one paragraph, exit status 2."""
-    try:
-        return main()
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,6 +165,17 @@ def encode_examples(tok, tasks: list[Task], task_names: list[str], max_len=1024,
     return out
 
 
+def fingerprint(examples: list[Example]) -> dict:
+    """Per task: how many examples, and the sha256 of their ids, tokens and references: a run records it,
+    so that --resume can refuse data that changed and name where."""
+    out = {}
+    for e in examples:
+        n, h = out.setdefault(e.task, [0, hashlib.sha256()])
+        h.update(json.dumps([e.id, e.prompt_ids, e.answer_ids, e.references]).encode())
+        out[e.task][0] = n + 1
+    return {task: {"examples": n, "sha256": h.hexdigest()} for task, (n, h) in out.items()}
+
+
 # ----------------------------------------------------------------------------------------------
 # Batching
 
@@ -325,14 +285,16 @@ def classroom_task(name: str, split: str) -> Task:
 
 
 def export_classroom(out_dir):
-    """Write the classroom suite in SuperNI layout: <out>/<task>/{train,dev,test}.json."""
+    """Write the classroom suite in SuperNI layout: <out>/<task>/{train,dev,test}.json, into a new or empty
+    folder (or one an earlier export made), each file atomically."""
+    out = new_folder(out_dir, "classroom export", "data.py --export", "--export")
     for name in CLASSROOM_TASKS:
-        (Path(out_dir) / name).mkdir(parents=True, exist_ok=True)
+        (out / name).mkdir(exist_ok=True)
         for split in SPLITS:
             task = classroom_task(name, split)
-            data = {"Definition": [task.definition], "Positive Examples": [], "Instances": task.instances}
-            (Path(out_dir) / name / f"{split}.json").write_text(json.dumps(data, indent=1))
-    print(f"wrote {len(CLASSROOM_TASKS)} tasks to {out_dir}")
+            write_json(out / name / f"{split}.json", {"Definition": [task.definition], "Positive Examples": [],
+                                                      "Instances": task.instances})
+    print(f"wrote {len(CLASSROOM_TASKS)} tasks to {out}")
 
 
 def main(argv=None):
@@ -353,4 +315,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli(main)
+    command(main)

@@ -29,6 +29,7 @@ that was under way. The training loop is train.py's, passed in as `train_adapter
 
 import json
 import math
+import os
 import time
 from argparse import Namespace
 from collections import Counter
@@ -40,9 +41,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from badit import (adapters_of, add_adapters, atomic_write, load_adapter_state, load_adapters, remove_adapters,
-                   save_adapters, spherical_kmeans)
-from data import InputError, MissingFile, collate
+from badit import (adapters_of, add_adapters, load_adapter_state, load_adapters, remove_adapters, save_adapters,
+                   spherical_kmeans)
+from checks import InputError, MissingFile
+from data import collate
+from files import atomic_write
 from model import read_json, read_safetensors
 
 BLOCK = 4096  # columns of R made at a time: d_proj x 4096 signs
@@ -200,6 +203,24 @@ def ensemble_weights(features, centroids):
 # The pipeline
 
 
+def check_args(args, train_examples: int, queries: int):
+    """What the later stages would find wrong only after the base LoRA has trained, checked before the run
+    starts: --clusters against the training examples of one pipeline, and --proj-dim against this machine's
+    memory (each block of R is d_proj x BLOCK float32 signs, with an int64 index per 8 of them; the features
+    of the training examples and of the queries are n x d_proj floats)."""
+    if args.clusters > train_examples:
+        raise InputError(f"--clusters {args.clusters} is more than the {train_examples} training examples "
+                         f"{'of a task ' if args.setting == 'single' else ''}to cluster; lower --clusters.")
+    need = args.proj_dim * (BLOCK * (4 + 1) + 4 * 2 * max(train_examples, queries))  # bytes: signs, indices, features
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): nothing to compare with
+        return
+    if need > have:
+        raise InputError(f"--proj-dim {args.proj_dim}: ELREA's gradient features would need about {need / 2**30:,.0f} GiB "
+                         f"of memory, and this machine has {have / 2**30:,.0f} GiB; lower --proj-dim (default 8192).")
+
+
 def check_stages(run_dir: Path):
     """A stage's result may exist only when every earlier stage's does (a resume on a damaged run)."""
     results = [run_dir / "base" / "adapter.safetensors", run_dir / "features.safetensors",
@@ -224,8 +245,6 @@ def train_pipeline(model, args, train, run_dir: Path, rank: int, world: int, tra
     from a checkpoint when resuming, or from start_from) and run its training loop. Leaves the model
     without adapters. -> elrea.json's content (clusters, their sizes and task mix, stage times)."""
     check_stages(run_dir)
-    if args.clusters > len(train):
-        raise InputError(f"--clusters {args.clusters} is more than the {len(train)} training examples; lower --clusters.")
     lora = Namespace(**{**vars(args), "method": "lora"})
     record = read_json(run_dir / "elrea.json", INCOMPLETE) if (run_dir / "elrea.json").is_file() else {"seconds": {}}
     start = time.time()

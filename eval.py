@@ -3,14 +3,16 @@ the continual-learning metrics, and the paper's analyses.
 
     python eval.py evaluate RUN_DIR            # base model + the run's adapter on the run's test sets
     python eval.py evaluate --base-only --model PATH --data ROOT
-    python eval.py compare RUN_DIR ... [--single RUN_DIR]   # per-task ROUGE-L side by side, colla
-    python eval.py continual RUN_DIR [--single RUN_DIR]     # AP / Fgt / Fwt / Bwt from the score matrix
+    python eval.py compare RUN_DIR ... [--single SINGLE_RUN ...]  # per-task ROUGE-L side by side, colla
+    python eval.py continual RUN_DIR [--single SINGLE_RUN]        # AP / Fgt / Fwt / Bwt from the score matrix
     python eval.py angles RUN_DIR              # regroup angles over training, from log.jsonl
     python eval.py conflict RUN_DIR            # task-gradient cosine matrix of the adapter
     python eval.py coactivation RUN_DIR        # how many tasks share each weight block's top gradients
 
 Every command writes Markdown (and CSV for the analyses) beside its input and prints it; PNG plots
-are added when matplotlib is installed.
+are added when matplotlib is installed. `evaluate` writes files of its own (metrics_eval_<split>_<n>.*)
+and replaces a run's record (metrics_test.json, which compare, continual and study.py read) only with
+--replace. colla and Fwt take the single-task runs of the same method and tasks, and refuse others.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import csv
 import io
 import json
 import string
+import time
 from pathlib import Path
 
 import torch
@@ -26,9 +29,12 @@ from tqdm import tqdm
 
 import elrea
 from badit import adapters_of, load_adapters
-from data import (CLASSROOM, InputError, MissingFile, answer_loss, cli, collate, encode_examples, list_tasks,
-                  load_tasks, names, number, positive_int)
+from checks import InputError, MissingFile, command, names, number, positive_int
+from data import CLASSROOM, answer_loss, collate, encode_examples, list_tasks, load_tasks
+from files import atomic_write, kind_of, new_folder, read_jsonl, write_json
 from model import DEMO_MODEL, generate, load_model, load_tokenizer, read_json
+
+ROOT = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
@@ -276,73 +282,145 @@ def maybe_plot(out_base: Path, draw) -> Path | None:
 
 
 def cmd_evaluate(args):
-    cfg = read_config(args.run_dir) if args.run_dir else {}
     if not args.run_dir and not args.base_only:
         raise InputError("eval.py evaluate: give a RUN_DIR, or --base-only --model PATH.")
+    cfg = read_config(args.run_dir) if args.run_dir else {}
+    out = evaluation_folder(args)
     path = args.model or cfg.get("model") or DEMO_MODEL
     data = args.data or cfg.get("data", CLASSROOM)
     tasks = args.tasks or cfg.get("tasks") or list_tasks(data)
     examples = test_examples(load_tokenizer(path), data, tasks, args.split, args.limit,  # the data before the model
-                             args.max_len or cfg.get("max_len", 1024), cfg.get("max_answer_len", 50), all_tasks=cfg.get("tasks"))
+                             args.max_len or cfg.get("max_len", 1024), cfg.get("max_answer_len", 50),
+                             all_tasks=task_numbering(args.run_dir, cfg) if args.run_dir else None)
     ensemble = cfg.get("method") == "elrea" and not args.base_only
     model, tok, adapter = load_run(None if args.base_only else args.run_dir, path, args.device, args.dtype, adapter=not ensemble)
     use_ids = bool(adapter) and adapter["method"] == "cgc"
     weights = elrea.prepare_ensemble(model, args.run_dir, examples, tok.pad_token_id) if ensemble else None
-    out = Path(args.out or args.run_dir or ".")
-    out.mkdir(parents=True, exist_ok=True)
-    name = "metrics_base" if args.base_only else f"metrics_{args.split}"
+    name = ("metrics_base" if args.base_only else f"metrics_{args.split}" if args.replace
+            else f"metrics_eval_{args.split}_{args.limit or 'all'}")
     metrics = evaluate(model, tok, examples, out, name, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, use_task_ids=use_ids, weights=weights)
     print(markdown_table({"base" if args.base_only else cfg.get("method", "run"): metrics}))
     print(f"wrote {out / name}.json, .md and _predictions.jsonl")
 
 
+def evaluation_folder(args) -> Path:
+    """Where `evaluate` writes: the run directory itself (its own files, never another command's records unless
+    --replace), or an --out folder that eval.py made or that is new or empty, never another run."""
+    if args.replace and (args.base_only or args.out):
+        raise InputError("--replace rewrites the run's own record (metrics_<split>.json in RUN_DIR): it takes neither "
+                         "--base-only nor --out.")
+    if args.out is None and args.run_dir:
+        return Path(args.run_dir)
+    out = Path(args.out or ROOT / "runs" / f"base-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.run_dir and out.resolve() == Path(args.run_dir).resolve():
+        return out
+    if kind_of(out) == "run" or (out / "config.json").is_file() and (out / "log.jsonl").is_file():
+        raise InputError(f"--out {out} holds another run: its scores would be mixed with {args.run_dir or 'the base model'}'s. "
+                         f"Leave --out out to write into the evaluated run, or choose a new folder.")
+    return new_folder(out, "evaluation", "eval.py", "--out")
+
+
+def task_numbering(run_dir, cfg: dict) -> list[str]:
+    """The task list whose order numbers the adapter's task ids (cgc's gates): the run's, which a single-task
+    run's per-task folder shares with its parent (recorded as task_ids; runs made before read the parent's)."""
+    if cfg.get("task_ids"):
+        return cfg["task_ids"]
+    parent = Path(run_dir).resolve().parent / "config.json"
+    if cfg.get("setting") == "single" and len(cfg.get("tasks", [])) == 1 and parent.is_file():
+        return read_json(parent).get("tasks", cfg["tasks"])
+    return cfg.get("tasks")
+
+
 def run_metrics(run_dir) -> dict:
-    for name in ("metrics_test.json", "metrics.json"):
-        if (Path(run_dir) / name).is_file():
-            return json.loads((Path(run_dir) / name).read_text())
-    raise MissingFile(f"{run_dir} has no metrics_test.json: run `python eval.py evaluate {run_dir}` first.")
+    file = Path(run_dir) / "metrics_test.json"
+    if not file.is_file():
+        raise MissingFile(f"{run_dir} has no metrics_test.json: run `python eval.py evaluate {run_dir} --replace` first.")
+    return read_json(file, "the run's record is damaged; evaluate it again with `eval.py evaluate RUN --replace`")
+
+
+def single_runs(paths) -> dict:
+    """method -> (folder, config) of --single runs, which must be single-task runs, one per method."""
+    out = {}
+    for path in paths or []:
+        cfg = read_config(path)
+        if cfg.get("setting") != "single":
+            raise InputError(f"--single {path} is a --setting {cfg.get('setting')} run; give a --setting single run.")
+        if cfg["method"] in out:
+            raise InputError(f"--single gives two {cfg['method']} runs ({out[cfg['method']][0]}, {path}); give one per method.")
+        out[cfg["method"]] = (path, cfg)
+    return out
+
+
+def matching_single(run, cfg: dict, singles: dict, tasks: list[str]):
+    """The --single run of the same method and tasks as `run` (SPEC section 8: colla and Fwt compare a method with
+    its own single-task runs), or an InputError that says which differs."""
+    if cfg["method"] not in singles:
+        given = ", ".join(f"{m} ({p})" for m, (p, _) in singles.items())
+        raise InputError(f"{run} is a {cfg['method']} run, and --single gives single-task runs of {given}: colla and Fwt "
+                         f"compare a method with its own single-task runs; add a {cfg['method']} --setting single run.")
+    path, _ = singles[cfg["method"]]
+    per_task = run_metrics(path)["per_task"]
+    missing, extra = sorted(set(tasks) - set(per_task)), sorted(set(per_task) - set(tasks))
+    if missing or extra:
+        raise InputError(f"--single {path} was not trained on {run}'s tasks: "
+                         + "; ".join(x for x in (missing and f"it lacks {', '.join(missing)}",
+                                                 extra and f"it has {', '.join(extra)} besides") if x)
+                         + ". Give a single-task run of the same tasks.")
+    return per_task
 
 
 def cmd_compare(args):
-    runs = {}
-    single = {t: m["rougeL"] for t, m in run_metrics(args.single)["per_task"].items()} if args.single else None
+    singles, runs, task_sets = single_runs(args.single), {}, {}
     for run in args.run_dirs:
-        m = dict(run_metrics(run))
-        name = f"{Path(run).name} ({read_config(run).get('method', '?')})"
-        if single and read_config(run).get("setting") == "mtl":
-            m["colla"] = colla(m["rougeL"], {t: single[t] for t in m["per_task"] if t in single})
-        runs[name] = m
-    note = " colla = average minus the mean single-task ROUGE-L of " + str(args.single) + "." if single else ""
+        cfg, m = read_config(run), dict(run_metrics(run))
+        name = f"{Path(run).name} ({cfg.get('method', '?')})"
+        if singles and cfg.get("setting") == "mtl":
+            single = matching_single(run, cfg, singles, list(m["per_task"]))
+            m["colla"] = colla(m["rougeL"], {t: single[t]["rougeL"] for t in m["per_task"]})
+        runs[name], task_sets[name] = m, set(m["per_task"])
+    first = task_sets[next(iter(task_sets))]
+    other = [n for n, t in task_sets.items() if t != first]
+    note = " colla = average minus the mean single-task ROUGE-L of the same method's --single run." if singles else ""
+    if other:  # an average over other tasks is not comparable: say so in the row and below
+        runs = {(n + " [other tasks]" if n in other else n): m for n, m in runs.items()}
+        note += " [other tasks]: this run's average is over another task set than the first run's (" + "; ".join(
+            f"{n}: {len(task_sets[n])} tasks, {len(task_sets[n] & first)} shared" for n in other) + ")."
     text = markdown_table(runs, note)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        if out.is_file() and not out.read_text(errors="replace").startswith("| task |"):
+            raise InputError(f"--out {out} is a file this command did not write; choose another file.")
+        atomic_write(out, lambda f: Path(f).write_text(text))
 
 
 def cmd_continual(args):
+    cfg = read_config(args.run_dir)
+    if cfg.get("setting") != "continual":
+        raise InputError(f"{args.run_dir} is a --setting {cfg.get('setting')} run; give a --setting continual run.")
     file = Path(args.run_dir) / "continual.json"
     if not file.is_file():
-        raise MissingFile(f"{file} is missing: train with --setting continual.")
-    c = json.loads(file.read_text())
+        raise MissingFile(f"{file} is missing: the run has not scored its first task yet.")
+    c = read_json(file, "the run's record is damaged")
     order, a = c["order"], c["rougeL"]
     single = None
     if args.single:
-        per_task = run_metrics(args.single)["per_task"]
+        per_task = matching_single(args.run_dir, cfg, single_runs([args.single]), order)
         single = [per_task[t]["rougeL"] for t in order]
     m = continual_metrics(a, single)
     lines = ["| after \\ on | " + " | ".join(order) + " |", "|---" * (len(order) + 1) + "|"]
     lines += [f"| {i + 1}. {order[i]} | " + " | ".join(f"{x:.1f}" for x in row) + " |" for i, row in enumerate(a)]
     lines.append("\n" + ", ".join(f"{k} {v:.2f}" for k, v in m.items()) + " (ROUGE-L x100; SPEC section 8)")
     text = "\n".join(lines) + "\n"
-    (Path(args.run_dir) / "continual.md").write_text(text)
-    (Path(args.run_dir) / "continual_metrics.json").write_text(json.dumps(m, indent=2))
+    atomic_write(Path(args.run_dir) / "continual.md", lambda f: Path(f).write_text(text))
+    write_json(Path(args.run_dir) / "continual_metrics.json", m)
     print(text)
 
 
 def cmd_angles(args):
     log = Path(args.run_dir) / "log.jsonl"
-    entries = [json.loads(line) for line in log.read_text().splitlines() if '"regroup"' in line]
+    entries = [e for e in read_jsonl(log) if "regroup" in e]
     if not entries:
         raise InputError(f"{log} has no regroup entries (only method badit regroups).")
     keys = ["intra_before", "intra_after", "inter_before", "inter_after", "objective", "moved"]
@@ -417,16 +495,20 @@ def main(argv=None):
     e.add_argument("--max-len", type=number(int, 16), help="maximum prompt + answer tokens (default: the run's)")
     e.add_argument("--max-new-tokens", type=positive_int, default=50, help="greedy decoding length (SPEC: 50)")
     e.add_argument("--batch-size", type=positive_int, default=64, help="prompts per generation batch (default: %(default)s)")
-    e.add_argument("--out", help="output folder (default: the run directory)")
+    e.add_argument("--out", help="output folder, new or made by eval.py, never another run (default: the run "
+                   "directory; with --base-only runs/base-<time>)")
+    e.add_argument("--replace", action="store_true", help="write the run's own record, metrics_<split>.json, which "
+                   "compare, continual and study.py read (default: metrics_eval_<split>_<limit or all>.json beside it)")
 
     c = sub.add_parser("compare", help="per-task ROUGE-L of several runs side by side, with colla")
     c.add_argument("run_dirs", nargs="+")
-    c.add_argument("--single", help="a --setting single run: its per-task scores give colla for mtl runs")
+    c.add_argument("--single", nargs="+", help="--setting single runs, one per method: each mtl run's colla is against "
+                   "the single-task run of its own method and tasks")
     c.add_argument("--out", help="also write the Markdown table here")
 
     ct = sub.add_parser("continual", help="AP / Fgt / Fwt / Bwt of a --setting continual run")
     ct.add_argument("run_dir")
-    ct.add_argument("--single", help="a --setting single run, for Fwt")
+    ct.add_argument("--single", help="a --setting single run of the same method and tasks, for Fwt")
 
     a = sub.add_parser("angles", help="regroup angles over training (from log.jsonl)")
     a.add_argument("run_dir")
@@ -445,4 +527,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli(main)
+    command(main)

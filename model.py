@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data import InputError, MissingFile, cli, format_prompt, positive_int
+from checks import InputError, MissingFile, command, positive_int
+from data import format_prompt
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 DEMO_MODEL = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"  # scripts/prepare_smollm2.py
@@ -68,6 +69,7 @@ class ModelArgs:
     embed_scale: bool = False  # embeddings multiplied by sqrt(dim)
     attn_softcap: float | None = None  # logits <- cap * tanh(logits / cap)
     final_softcap: float | None = None
+    max_positions: int | None = None  # max_position_embeddings: the longest sequence the model was made for
 
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> ModelArgs:
@@ -135,6 +137,7 @@ class ModelArgs:
             embed_scale=gemma,
             attn_softcap=cfg.get("attn_logit_softcapping") if gemma else None,
             final_softcap=cfg.get("final_logit_softcapping") if gemma else None,
+            max_positions=cfg.get("max_position_embeddings"),
         )
 
 
@@ -497,14 +500,20 @@ def read_json(file, fix="re-download the checkpoint or fix the file"):
 
 
 def read_safetensors(file, fix="re-download the checkpoint", device="cpu") -> dict:
-    """All tensors of a safetensors file; a truncated or damaged one is an InputError that names it."""
+    """All tensors of a safetensors file we wrote; a truncated or damaged file, or a tensor that is not finite,
+    is an InputError that names it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(file, device=str(device))
+        tensors = load_file(file, device=str(device))
     except (SafetensorError, OSError) as e:
         raise InputError(f"{file}: cannot be read as safetensors ({e}): the file is incomplete or damaged; {fix}.") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"{file}: tensor {bad[0]!r}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} holds NaN or "
+                         f"infinite values; {fix}.")
+    return tensors
 
 
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "*.safetensors",
@@ -547,34 +556,70 @@ def read_model_args(path) -> ModelArgs:
     return ModelArgs.from_hf_config(read_json(file), str(file))
 
 
-def _checkpoint_tensors(path: Path):
-    """Yield (file, name, tensor) one at a time, so that only one tensor is in flight."""
+def _checkpoint_files(path: Path) -> list[Path]:
     if (path / "model.safetensors.index.json").is_file():
         weight_map = read_json(path / "model.safetensors.index.json")["weight_map"]
-        files = sorted(set(weight_map.values()))
+        files = [path / name for name in sorted(set(weight_map.values()))]
     elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        files = [path / "model.safetensors"]
     elif (path / "pytorch_model.bin").is_file():
-        file = path / "pytorch_model.bin"  # weights_only: never unpickle arbitrary objects
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        for name in list(state):
-            yield file, name, state.pop(name)
-        return
+        return [path / "pytorch_model.bin"]
     else:
         raise MissingFile(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin.")
+    for file in files:
+        if not file.is_file():
+            raise MissingFile(f"{file} is missing (listed in model.safetensors.index.json).")
+    return files
+
+
+def _checkpoint_tensors(path: Path, shapes_only=False):
+    """Yield (file, name, tensor) one at a time, so that only one tensor is in flight; with shapes_only,
+    (file, name, shape) from the safetensors headers, reading no weights."""
     from safetensors import SafetensorError, safe_open
 
-    for name in files:
-        if not (path / name).is_file():
-            raise MissingFile(f"{path / name} is missing (listed in model.safetensors.index.json).")
+    for file in _checkpoint_files(path):
+        if file.suffix == ".bin":  # weights_only: never unpickle arbitrary objects
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            for name in list(state):
+                tensor = state.pop(name)
+                yield file, name, tuple(tensor.shape) if shapes_only else tensor
+            return
         try:
-            f = safe_open(path / name, framework="pt")
+            f = safe_open(file, framework="pt")
         except (SafetensorError, OSError) as e:
-            raise InputError(f"{path / name}: cannot be read as safetensors ({e}): the file is incomplete or damaged; "
+            raise InputError(f"{file}: cannot be read as safetensors ({e}): the file is incomplete or damaged; "
                              f"re-download the checkpoint.") from None
         with f:
             for key in f.keys():
-                yield path / name, key, f.get_tensor(key)
+                yield file, key, tuple(f.get_slice(key).get_shape()) if shapes_only else f.get_tensor(key)
+
+
+def _checked_name(args: ModelArgs, expected: dict, file, key, shape) -> str | None:
+    """Our parameter name for checkpoint tensor `key`, or None for one we derive; refuses a stranger or a wrong shape."""
+    name = key.removeprefix("model.")
+    if name.endswith("rotary_emb.inv_freq") or (args.tie_embeddings and name == "lm_head.weight"):
+        return None  # derived from the config (old Llama checkpoints store it) / tied to the embeddings
+    if name not in expected:
+        raise InputError(f"{file}: unexpected tensor {key!r}: a {args.model_type} model with this config.json has no such weight.")
+    if tuple(shape) != tuple(expected[name].shape):
+        raise InputError(f"{file}: tensor {key!r} has shape {tuple(shape)}, but config.json implies "
+                         f"{tuple(expected[name].shape)}; do config.json and the weights come from the same checkpoint?")
+    return name
+
+
+def check_checkpoint(path) -> ModelArgs:
+    """config.json and every tensor's name and shape (from the files' headers, no weights read), so that a run
+    can refuse a broken checkpoint before it writes anything. -> the model's ModelArgs."""
+    path = checkpoint_dir(path)
+    args = read_model_args(path)
+    with torch.device("meta"):
+        expected = dict(Transformer(args).named_parameters())  # a tied lm_head appears once, as embed_tokens
+    found = {_checked_name(args, expected, *t) for t in _checkpoint_tensors(path, shapes_only=True)}
+    missing = sorted(set(expected) - found)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InputError(f"{path}: the checkpoint lacks tensors {', '.join(missing[:5])}{more}.")
+    return args
 
 
 def resolve_device(name=None) -> torch.device:
@@ -629,32 +674,19 @@ def load_model(path, device=None, dtype=None) -> Transformer:
     where the device has native bf16 (the forward then runs under autocast), float32 elsewhere.
     """
     path = checkpoint_dir(path)
-    args = read_model_args(path)
+    args = check_checkpoint(path)
     device = resolve_device(device)
     dtype = getattr(torch, dtype or choose_dtype(device)[0]) if not isinstance(dtype, torch.dtype) else dtype
     with torch.device("meta"):
         model = Transformer(args)
-    expected = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens
-    loaded = set()
+    expected = dict(model.named_parameters())
     for file, key, tensor in _checkpoint_tensors(path):
-        name = key.removeprefix("model.")
-        if name.endswith("rotary_emb.inv_freq") or (args.tie_embeddings and name == "lm_head.weight"):
-            continue  # derived from the config (old Llama checkpoints store it) / tied to the embeddings
-        if name not in expected:
-            raise InputError(f"{file}: unexpected tensor {key!r}: a {args.model_type} model with this config.json has no such weight.")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise InputError(
-                f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, but config.json implies "
-                f"{tuple(expected[name].shape)}; do config.json and the weights come from the same checkpoint?"
-            )
+        name = _checked_name(args, expected, file, key, tensor.shape)
+        if name is None:
+            continue
         module_name, _, leaf = name.rpartition(".")
         param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=expected[name].requires_grad)
         setattr(model.get_submodule(module_name), leaf, param)
-        loaded.add(name)
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise InputError(f"{path}: the checkpoint lacks tensors {', '.join(missing[:5])}{more}.")
     if args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_frequencies(args).to(device)  # was built on the meta device
@@ -751,4 +783,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli(main)
+    command(main)

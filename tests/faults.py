@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import badit  # noqa: E402
 import train  # noqa: E402
-from data import cli  # noqa: E402
+from checks import command  # noqa: E402
 
 
 def inject(fault: str):
@@ -73,4 +73,4 @@ if __name__ == "__main__":
     split = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))
     for fault in args[:split]:
         inject(fault)
-    cli(lambda: train.main(args[split:]))
+    command(lambda: train.main(args[split:]))

@@ -100,7 +100,7 @@ import time  # noqa: E402
 import eval as evaluation  # noqa: E402
 import train  # noqa: E402
 from conftest import ROOT  # noqa: E402
-from data import cli  # noqa: E402
+from checks import command  # noqa: E402
 
 FAST = ["--data", "classroom", "--tasks", "sort_ascending,sort_descending", "--limit", "8", "--batch-size", "4",
         "--epochs", "2", "--eval", "none", "--device", "cpu", "--dtype", "float32"]
@@ -113,7 +113,7 @@ NO_SUCH_GPU = "CUDA device(s)" if torch.cuda.is_available() else "no CUDA device
 def refused(capsys, main, argv) -> str:
     """Run a command line in-process as its __main__ would; -> its stderr, after checking it failed cleanly."""
     with pytest.raises(SystemExit) as stop:
-        cli(lambda: main(argv))
+        command(lambda: main(argv))
     err = capsys.readouterr().err
     assert stop.value.code == 2, err
     assert "Traceback" not in err
@@ -230,6 +230,7 @@ def test_eval_and_model_command_lines(tiny_trainable, tmp_path, capsys):
 
     assert "config.json is missing" in refused(capsys, evaluation.main, ["evaluate", str(tmp_path)])
     assert "argument --limit" in refused(capsys, evaluation.main, ["evaluate", str(tmp_path), "--limit", "0"])
+    (tmp_path / "config.json").write_text(json.dumps({"method": "lora", "setting": "continual", "tasks": ["a", "b", "c"]}))
     (tmp_path / "continual.json").write_text(json.dumps({"order": ["a", "b", "c"], "rougeL": [[50, 10, 20]]}))
     assert "full T x T score matrix; this one has 1 row(s) of 3 task(s)" in refused(capsys, evaluation.main, ["continual", str(tmp_path)])
     assert NO_SUCH_GPU in refused(capsys, model_cli.main, ["--model", str(tiny_trainable), "--device", "cuda:99"])

@@ -397,9 +397,11 @@ def test_peft_export_loads_in_peft(tiny_checkpoints, tmp_path, method):
 
 def test_bad_input(tiny_checkpoints):
     path = tiny_checkpoints["llama3"]
-    with pytest.raises(ValueError, match=r"targets \('gatee_proj',\) match no linear layer.*gate_proj"):
+    with pytest.raises(ValueError, match=r"--targets gatee_proj matches no linear layer.*gate_proj"):
         adapted(path, "lora", targets=("gatee_proj",))
-    with pytest.raises(ValueError, match="72 components .* exceed min\\(out, in\\) = 64"):
+    with pytest.raises(ValueError, match=r"--targets foo_proj matches no linear layer"):  # one target in two is no better
+        adapted(path, "lora", targets=("gate_proj", "foo_proj"))
+    with pytest.raises(ValueError, match="72 SVD components .* exceed min\\(out, in\\) = 64"):
         adapted(path, "badit", num_experts=6, rank=12)
     with pytest.raises(ValueError, match="unknown method 'bdit'; choose one of lora, pissa"):
         adapted(path, "bdit")

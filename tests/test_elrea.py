@@ -190,7 +190,7 @@ def test_elrea_end_to_end(tiny_trainable, tmp_path, capsys):
     for p in predictions:
         assert sum(v for k, v in p["weights"].items() if k != "base") == pytest.approx(1, abs=1e-5)
     evaluation.main(["evaluate", str(tmp_path / "run"), "--out", str(tmp_path / "again"), "--max-new-tokens", "4", "--limit", "3"])
-    again = [json.loads(line) for line in (tmp_path / "again" / "metrics_test_predictions.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (tmp_path / "again" / "metrics_eval_test_3_predictions.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in again] == [p["prediction"] for p in predictions]  # eval.py reads the run as train.py left it
     capsys.readouterr()
     evaluation.main(["compare", str(tmp_path / "run")])
@@ -231,11 +231,11 @@ def test_resume_after_an_interruption_in_each_stage(tiny_trainable, tmp_path, mo
 
 
 def test_bad_elrea_input(tiny_trainable, tmp_path, capsys):
-    from data import cli
+    from checks import command
 
     def refused(argv):
         with pytest.raises(SystemExit) as stop:
-            cli(lambda: train.main(["--model", str(tiny_trainable), *FAST, *argv]))
+            command(lambda: train.main(["--model", str(tiny_trainable), *FAST, *argv]))
         assert stop.value.code == 2
         return capsys.readouterr().err
 
@@ -247,7 +247,7 @@ def test_bad_elrea_input(tiny_trainable, tmp_path, capsys):
     run(tiny_trainable, tmp_path / "run")
     (tmp_path / "run" / "base" / "adapter.safetensors").unlink()
     with pytest.raises(SystemExit) as stop:
-        cli(lambda: train.main(["--out", str(tmp_path / "run"), "--resume"]))
+        command(lambda: train.main(["--out", str(tmp_path / "run"), "--resume"]))
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "base/adapter.safetensors is missing although" in err and "features.safetensors exists" in err
 
