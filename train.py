@@ -63,7 +63,7 @@ RESUMABLE_FLAGS = ("--out", "--resume", "--device")  # what --resume may be give
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=str(DEMO_MODEL), help="Hugging Face checkpoint folder, or a hub id such as "
                    "Qwen/Qwen3-0.6B (default: the demo model, prepared automatically)")
