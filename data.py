@@ -50,6 +50,9 @@ def list_tasks(root) -> list[str]:
     if str(root) == CLASSROOM:
         return list(CLASSROOM_TASKS)
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"data root {root} is a file: pass --data with a folder holding <task>/train.json etc. "
+                         f"(SuperNI layout), or --data {CLASSROOM} for the embedded suite.")
     if not root.is_dir():
         raise MissingFile(f"data root {root} does not exist: pass --data with a folder holding <task>/train.json "
                                 f"etc. (SuperNI layout), or --data {CLASSROOM} for the embedded suite.")

@@ -420,6 +420,8 @@ def cmd_continual(args):
 
 def cmd_angles(args):
     log = Path(args.run_dir) / "log.jsonl"
+    if not log.is_file():
+        raise MissingFile(f"{log} is missing: pass a run directory written by train.py.")
     entries = [e for e in read_jsonl(log) if "regroup" in e]
     if not entries:
         raise InputError(f"{log} has no regroup entries (only method badit regroups).")

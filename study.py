@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from badit import ADAPTERS
-from checks import InputError, command, names
+from checks import InputError, command, names, positive_int
 from data import CLASSROOM
 from eval import continual_metrics, maybe_plot
 from files import atomic_write, check_writable_path, contents, empty_folder, kind_of, lock_folder, mark, read_jsonl
@@ -402,14 +402,17 @@ def mean_std(values) -> str:
     return f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else " (1 seed)")
 
 
+DAMAGED_CELL = "restore it from git (results/ is committed), or delete the cell's folder and run the study again"
+
+
 def load_cells(results: Path) -> list[dict]:
     cells = []
     for folder in sorted((results / "cells").glob("*")):
         if (folder / "cell.json").is_file():
-            cell = json.loads((folder / "cell.json").read_text())
+            cell = read_json(folder / "cell.json", DAMAGED_CELL)
             for name in ("metrics_test", "metrics_base", "continual", "curve", "elrea"):
                 if (folder / f"{name}.json").is_file():
-                    cell[name] = json.loads((folder / f"{name}.json").read_text())
+                    cell[name] = read_json(folder / f"{name}.json", DAMAGED_CELL)
             cell["folder"] = folder
             cells.append(cell)
     return cells
@@ -421,7 +424,7 @@ def row_of(c: dict) -> str:
 
 def summarise(results: Path) -> dict:
     """Everything the summary shows, as data: per row (method + variant) and seed, the scores."""
-    study = json.loads((results / "study.json").read_text())
+    study = read_json(results / "study.json", "restore it from git (results/ is committed), or run the study again")
     cells = load_cells(results)
     trained = [c for c in cells if c["kind"] == "train" and "metrics_test" in c]
     rows = list(dict.fromkeys(row_of(c) for c in study["cells"] if c["kind"] == "train"))
@@ -648,7 +651,7 @@ def main(argv=None):
     g.add_argument("--reference", default="lora", help="the method the others are tested against (default: lora)")
     g = p.add_argument_group("running")
     g.add_argument("--launcher", choices=["python", "torchrun"], default="python", help="torchrun: each cell data-parallel")
-    g.add_argument("--nproc", type=int, default=1, help="processes per cell with --launcher torchrun")
+    g.add_argument("--nproc", type=positive_int, default=1, help="processes per cell with --launcher torchrun")
     g.add_argument("--dir", type=Path, default=ROOT, help="where studies/ (the runs) and results/ (what is kept) go "
                    "(default: the repository)")
     g.add_argument("--overwrite", action="store_true", help="a study of this name ran with another grid: delete its "

@@ -314,6 +314,7 @@ def regroups_in_phase(args, n_examples: int) -> int:
 # instant between the two renames), so a failed write leaves the previous checkpoint whole.
 
 DAMAGED = "the checkpoint is damaged; restore the run directory from a copy, or start again with --overwrite"
+DAMAGED_RUN = "the run directory is damaged; restore it from a copy, or start again with --overwrite"
 
 
 def checkpoint_folder(ckpt: Path) -> Path | None:
@@ -768,7 +769,7 @@ def train_and_evaluate(args, tok, train, test, rank, world, device, start):
     before = None
     if args.eval == "both" and rank == 0:
         if (run_dir / "metrics_before.json").is_file():
-            before = json.loads((run_dir / "metrics_before.json").read_text())
+            before = read_json(run_dir / "metrics_before.json", DAMAGED_RUN)
         else:  # the base model: every method starts at its function (SPEC section 3.5)
             before = evaluate(model, tok, test, run_dir, "metrics_before", batch_size=args.eval_batch_size,
                               max_new_tokens=args.max_new_tokens)
@@ -800,7 +801,7 @@ def train_single(model, tok, args, config, train, test, run_dir, rank, world, de
         task_dir = run_dir / task
         metrics = task_dir / "metrics_test.json"
         if (task_dir / "adapter.safetensors").is_file() and (metrics.is_file() or args.eval == "none"):
-            per_task.update(json.loads(metrics.read_text())["per_task"] if metrics.is_file() else {})
+            per_task.update(read_json(metrics, DAMAGED_RUN)["per_task"] if metrics.is_file() else {})
             continue
         if rank == 0:
             task_dir.mkdir(parents=True, exist_ok=True)
@@ -832,7 +833,7 @@ def train_continual(model, tok, args, train, test, run_dir, rank, world):
     order = list(args.tasks)
     random.Random(args.seed).shuffle(order)
     file = run_dir / "continual.json"
-    record = json.loads(file.read_text()) if args.resume and file.is_file() else {"order": order, "rougeL": [], "exact_match": []}
+    record = read_json(file, DAMAGED_RUN) if args.resume and file.is_file() else {"order": order, "rougeL": [], "exact_match": []}
     ckpt = run_dir / "checkpoint"
     folder = checkpoint_folder(ckpt) if args.resume else None
     first = read_json(folder / "trainer.json", DAMAGED)["phase"] if folder else 0
@@ -860,7 +861,7 @@ def train_continual(model, tok, args, train, test, run_dir, rank, world):
     if args.eval == "none":
         return None
     last = run_dir / f"after_{len(order)}_{order[-1]}" / "metrics_test.json"
-    after = json.loads(last.read_text())
+    after = read_json(last, DAMAGED_RUN)
     write_json(run_dir / "metrics_test.json", after)  # after the last task
     print("continual metrics (ROUGE-L): " + ", ".join(f"{k} {v:.2f}" for k, v in continual_metrics(record["rougeL"]).items()))
     return after

@@ -235,6 +235,7 @@ def test_eval_and_model_command_lines(tiny_trainable, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"method": "lora", "setting": "continual", "tasks": ["a", "b", "c"]}))
     (tmp_path / "continual.json").write_text(json.dumps({"order": ["a", "b", "c"], "rougeL": [[50, 10, 20]]}))
     assert "full T x T score matrix; this one has 1 row(s) of 3 task(s)" in refused(capsys, evaluation.main, ["continual", str(tmp_path)])
+    assert "log.jsonl is missing" in refused(capsys, evaluation.main, ["angles", str(tmp_path / "nowhere")])
     assert NO_SUCH_GPU in refused(capsys, model_cli.main, ["--model", str(tiny_trainable), "--device", "cuda:99"])
     assert "argument --max-new-tokens: 0 must be >= 1" in refused(capsys, model_cli.main, ["--max-new-tokens", "0"])
 
@@ -620,8 +621,13 @@ def test_study_exits_non_zero_and_refuses_what_would_mix(tiny_trainable, tmp_pat
     assert "2 cell(s) of this study would be refused by train.py" in err and "unrecognized arguments: --nosuch 1" in err
     assert not (tmp_path / "studies").exists()  # refused before any cell, before any folder
     assert "unrecognized arguments: --bogus" in refused(capsys, study.main, [*grid, *flags, "--bogus"])
+    assert "argument --nproc: 0 must be >= 1" in refused(capsys, study.main, [*grid, "--nproc", "0", *flags])
     study.main([*grid, *flags])
     assert (tmp_path / "results" / "g" / "cells" / "lora-s0" / "metrics_test.json").is_file()
+    record = (tmp_path / "results" / "g" / "study.json").read_text()
+    (tmp_path / "results" / "g" / "study.json").write_text(record[:30])
+    assert "study.json: not valid JSON" in refused(capsys, study.main, ["g", "--dir", str(tmp_path), "--summary"])
+    (tmp_path / "results" / "g" / "study.json").write_text(record)
     assert "has run with another grid" in refused(capsys, study.main, [*grid, "--vary", "lr=3e-3", *flags])
     study.main([*grid, "--vary", "lr=3e-3", "--overwrite", *flags])
     assert sorted(p.name for p in (tmp_path / "results" / "g" / "cells").iterdir()) == ["lora-lr=3e-3-s0"]
