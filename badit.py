@@ -17,8 +17,9 @@ and the methods differ only in N, in how A and B start, and in where c comes fro
     elrea             M r_lora        M trained LoRAs    1 on the row's own member's block, 0 elsewhere (ELREA's
                                                          ensemble, one LoRA per batch row; elrea.py builds it)
 
-Then: batched spherical k-means and the exact balanced regrouping of BADIT (section 5), saving
-and loading adapters, a PEFT export for lora and pissa, and merging (cgc per task).
+Then BADIT's regrouping, DOG (section 5): batched spherical k-means, an exact batched linear assignment,
+orthogonal targets from the centroid matrix, iterated; then saving and loading adapters, a PEFT export
+for lora and pissa, and merging (cgc per task).
 """
 
 from __future__ import annotations
@@ -189,8 +190,8 @@ def set_residual(adapter: Adapter):
 # Adding adapters to a model
 
 
-def add_adapters(model, method: str, targets=("gate_proj",), num_experts=6, rank=4, alpha=32.0, dropout=0.05,
-                 lora_rank=None, top_k=None, num_tasks=None, common_experts=4, task_experts=2, members=None,
+def add_adapters(model, method: str, targets=("gate_proj",), num_experts=8, rank=4, alpha=32.0, dropout=0.05,
+                 lora_rank=None, top_k=None, num_tasks=None, common_experts=6, task_experts=2, members=None,
                  init=True) -> dict:
     """Wrap the target linears of a model.py Transformer, freeze everything else (SPEC section 6).
 
@@ -381,60 +382,101 @@ def spherical_kmeans(x, k: int, n_init: int = 10, max_iter: int = 100, seed: int
     return (labels[0], centroids[0]) if x.dim() == 2 else (labels, centroids)
 
 
-def balanced_assignment(sim, r: int):
-    """Exactly r components per expert (SPEC section 5): sim (L, N, K) with N = K r -> expert (L, N).
+def linear_assignment(cost):
+    """Exact minimum-cost assignment of every problem in a batch: cost (b, n, n) -> col (b, n), row i taking
+    column col[i], so that sum_i cost[i, col[i]] is least. The Hungarian algorithm in its shortest-augmenting-
+    path form with row and column potentials u, v (Kuhn 1955; Jonker and Volgenant 1987), O(n^3), all b
+    problems advanced in lockstep on cost's device: the Python loops run over rows and path steps, never over
+    problems. 1-based columns; column 0 is the sentinel that starts each row's search."""
+    b, n, _ = cost.shape
+    a, dev = cost.double(), cost.device
+    rows = torch.arange(b, device=dev)
+    u, v = torch.zeros(b, n + 1, dtype=a.dtype, device=dev), torch.zeros(b, n + 1, dtype=a.dtype, device=dev)
+    owner = torch.zeros(b, n + 1, dtype=torch.long, device=dev)  # owner[:, j]: the row (1-based) holding column j, 0: free
+    way = torch.zeros(b, n + 1, dtype=torch.long, device=dev)  # the column before j on the shortest path
+    for i in range(1, n + 1):
+        owner[:, 0] = i
+        j0 = torch.zeros(b, dtype=torch.long, device=dev)
+        best = torch.full((b, n + 1), math.inf, dtype=a.dtype, device=dev)  # shortest reduced path to each column
+        used = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
+        searching = torch.ones(b, dtype=torch.bool, device=dev)
+        while True:  # grow each problem's alternating tree from row i until it reaches a free column
+            used[rows, j0] |= searching
+            i0 = owner[rows, j0]
+            reduced = a[rows, (i0 - 1).clamp(min=0)] - u[rows, i0][:, None] - v[:, 1:]  # (b, n)
+            closer = searching[:, None] & ~used[:, 1:] & (reduced < best[:, 1:])
+            best[:, 1:] = torch.where(closer, reduced, best[:, 1:])
+            way[:, 1:] = torch.where(closer, j0[:, None], way[:, 1:])
+            delta, j1 = torch.where(used[:, 1:], math.inf, best[:, 1:]).min(-1)
+            delta = torch.where(searching, delta, 0.0)[:, None]
+            u.scatter_add_(1, owner, torch.where(used, delta, 0.0))  # u[owner[j]] += delta for the tree's columns
+            v -= torch.where(used, delta, 0.0)
+            best = torch.where(used, best, best - delta)
+            j0 = torch.where(searching, j1 + 1, j0)
+            searching &= owner[rows, j0] != 0
+            if not searching.any():
+                break
+        on_path = torch.ones(b, dtype=torch.bool, device=dev)
+        while on_path.any():  # flip the augmenting path back to the sentinel
+            j1 = way[rows, j0]
+            owner[rows, j0] = torch.where(on_path, owner[rows, j1], owner[rows, j0])
+            j0 = torch.where(on_path, j1, j0)
+            on_path = j0 != 0
+    col = torch.empty(b, n, dtype=torch.long, device=dev)
+    return col.scatter_(1, owner[:, 1:] - 1, torch.arange(n, device=dev).expand(b, n))
 
-    N greedy steps, all layers at once: place the most similar (component, expert) pair among
-    unplaced components and experts with fewer than r members.
-    """
+
+def balanced_assignment(sim, r: int):
+    """SPEC section 5, step 3: exactly r components per target, maximising sum_j sim[j, k(j)]: an exact linear
+    assignment of the N components to N slots, each target repeated r times. sim (L, N, K), N = K r -> (L, N)."""
     L, N, K = sim.shape
     if N != K * r:
         raise InputError(f"balanced_assignment: {N} components cannot fill {K} experts of rank {r} exactly.")
-    free = sim.float().clone()
-    expert = torch.empty(L, N, dtype=torch.long, device=sim.device)
-    count = torch.zeros(L, K, dtype=torch.long, device=sim.device)
-    rows = torch.arange(L, device=sim.device)
-    for _ in range(N):
-        flat = free.view(L, -1).argmax(-1)
-        j, e = flat // K, flat % K
-        expert[rows, j] = e
-        count[rows, e] += 1
-        free[rows, j, :] = -math.inf
-        free.masked_fill_((count == r)[:, None, :], -math.inf)
-    return expert
+    return linear_assignment(-sim.repeat_interleave(r, dim=2)) // r  # slot k r + s belongs to target k
 
 
-def hungarian(score: list[list[float]]) -> list[int]:
-    """Exact maximum-weight assignment of a square matrix: -> col[i] for row i, maximising
-    sum_i score[i][col[i]]. The Hungarian algorithm (Kuhn 1955) in its O(n^3) shortest-augmenting-
-    path form with row and column potentials u, v; small matrices only (K x K)."""
-    n, inf = len(score), math.inf
-    u, v, owner, way = [0.0] * (n + 1), [0.0] * (n + 1), [0] * (n + 1), [0] * (n + 1)  # 1-based; column 0 is a sentinel
-    for i in range(1, n + 1):
-        owner[0], j0 = i, 0
-        best, used = [inf] * (n + 1), [False] * (n + 1)
-        while owner[j0]:  # grow the alternating tree from row i until it reaches a free column
-            used[j0], i0, delta, j1 = True, owner[j0], inf, 0
-            for j in range(1, n + 1):
-                if not used[j]:
-                    reduced = -score[i0 - 1][j - 1] - u[i0] - v[j]  # minimise the cost -score
-                    if reduced < best[j]:
-                        best[j], way[j] = reduced, j0
-                    if best[j] < delta:
-                        delta, j1 = best[j], j
-            for j in range(n + 1):
-                if used[j]:
-                    u[owner[j]] += delta
-                    v[j] -= delta
-                else:
-                    best[j] -= delta
-            j0 = j1
-        while j0:  # flip the augmenting path
-            owner[j0], j0 = owner[way[j0]], way[j0]
-    col = [0] * n
-    for j in range(1, n + 1):
-        col[owner[j] - 1] = j - 1
-    return col
+def grouping_objective(Z, groups, K: int):
+    """J = sum_k ||sum_{j in group k} g_j||^2 (SPEC section 5) of unit rows Z (L, N, D) -> (L,)."""
+    return (F.one_hot(groups, K).to(Z.dtype).transpose(1, 2) @ Z).pow(2).sum((1, 2))
+
+
+def orthogonal_targets(Z, groups, K: int):
+    """SPEC section 5, step 2: the centroid matrix C (L, K, D), c_k = sum_{j in k} g_j, and its polar factor
+    Q = U V^T from the thin SVD C = U S V^T: the orthonormal rows nearest to C, row k still group k's."""
+    C = F.one_hot(groups, K).to(Z.dtype).transpose(1, 2) @ Z
+    U, _, Vh = torch.linalg.svd(C, full_matrices=False)
+    return U @ Vh
+
+
+def dynamic_orthogonal_grouping(Z, r: int, n_init=10, max_iter=100, seed=0, max_rounds=20):
+    """DOG, SPEC section 5, steps 1 to 4, on the unit gradient directions Z (L, N, D) of L layers at once.
+
+    1. spherical k-means into K = N / r clusters, then the exact balanced assignment to its unit centroids;
+    2. orthogonal targets Q from the centroid matrix of the current groups;
+    3. the exact balanced assignment of the components to Q;
+    4. 2-3 again until no layer's groups change (at most max_rounds rounds); each layer keeps the round
+       with the largest J (the start's included, so J never falls below the k-means start's).
+    -> groups (L, N) in 0 .. K-1, the kept round's targets (L, K, D), and per layer J after k-means, J at
+    the end and the rounds until its groups stopped changing."""
+    L, N, _ = Z.shape
+    K = N // r
+    _, centroids = spherical_kmeans(Z, K, n_init, max_iter, seed)
+    groups = balanced_assignment(Z @ centroids.transpose(1, 2), r)
+    kept, targets, J = groups, centroids, grouping_objective(Z, groups, K)
+    J_kmeans, rounds = J.clone(), torch.full((L,), max_rounds, device=Z.device)
+    for t in range(max_rounds):
+        Q = orthogonal_targets(Z, groups, K)
+        new = balanced_assignment(Z @ Q.transpose(1, 2), r)
+        J_new = grouping_objective(Z, new, K)
+        better = J_new > J
+        kept, targets, J = (torch.where(better[:, None], new, kept), torch.where(better[:, None, None], Q, targets),
+                            torch.where(better, J_new, J))
+        settled = (new == groups).all(1)
+        rounds = torch.where(settled & (rounds == max_rounds), t + 1, rounds)
+        if settled.all():
+            break
+        groups = new
+    return kept, targets, {"J_kmeans": J_kmeans, "J_end": J, "rounds": rounds}
 
 
 def match_clusters_to_experts(labels, sim, r: int):
@@ -447,8 +489,8 @@ def match_clusters_to_experts(labels, sim, r: int):
     members = F.one_hot(expert_now, K).float()  # (L, N, K): component j is in expert e now
     overlap = F.one_hot(labels, K).float().transpose(1, 2) @ members  # (L, K clusters, K experts)
     closeness = sim.float().transpose(1, 2) @ members  # sum of the expert's members' cosines, in [-N, N]
-    score = (overlap + closeness / (2 * N + 1)).cpu().tolist()  # the tie-break never outweighs one shared member
-    return torch.tensor([hungarian(list(map(list, zip(*s)))) for s in score], device=sim.device)  # experts as rows
+    score = overlap + closeness / (2 * N + 1)  # the tie-break never outweighs one shared member
+    return linear_assignment(-score.transpose(1, 2))  # experts as rows
 
 
 def permutation_in_place(expert, sim, r: int):
@@ -531,20 +573,24 @@ def reset_regroup_signal(model):
                 delattr(a, name)
 
 
+REGROUP_STATS = ("intra_before", "intra_after", "inter_before", "inter_after", "J_start", "J_kmeans", "J_end", "rounds",
+                 "moved")
+
+
 @torch.no_grad()
 def regroup(model, optimizer=None, signal: str = "accumulated", n_init: int = 10, max_iter: int = 100, seed: int = 0,
             sync=None) -> dict:
-    """Regroup every routed adapter's components by spherical k-means of their gradient directions (SPEC section 5).
+    """Regroup every routed adapter's rank-1 components by DOG on their gradient directions (SPEC section 5).
 
     signal: "accumulated" (summed since the last regroup, the default) or "last" (the last optimizer
     step's gradient only, the reference code's behaviour). seed: the k-means++ draws'; train.py derives it
-    from (run seed, phase, regroup index), so that successive regroups do not reuse the same draws. Layers of equal shape are clustered in
-    one batch on the parameters' device; the clusters are matched to the current experts, then each
-    layer gets an exact balanced permutation. sync (data parallel): maps {layer: permutation} to the
-    permutations to apply, e.g. rank 0's everywhere. The permutation is applied to A, B, their
-    gradients and optimizer state; the router G is left unchanged; the signal restarts.
-    Returns the diagnostics of SPEC section 5 averaged over layers (moved: the total and moved_mean),
-    per layer, and each layer's permutation.
+    from (run seed, phase, regroup index), so that successive regroups do not reuse the same draws. Layers
+    of equal shape are grouped in one batch on the parameters' device (dynamic_orthogonal_grouping); the
+    groups are matched to the current experts, and each layer's components are permuted in place. sync
+    (data parallel): maps {layer: permutation} to the permutations to apply, e.g. rank 0's everywhere. The
+    permutation is applied to A, B, their gradients and optimizer state; the router G is left unchanged;
+    the signal restarts. Returns the diagnostics of SPEC section 5 (REGROUP_STATS) averaged over layers
+    (moved: the total, and moved_mean), per layer (with the layers' names), and each layer's permutation.
     """
     if signal not in ("accumulated", "last"):
         raise InputError(f"regroup signal must be 'accumulated' or 'last', not {signal!r}.")
@@ -555,30 +601,35 @@ def regroup(model, optimizer=None, signal: str = "accumulated", n_init: int = 10
     for name, a in layers.items():
         by_shape.setdefault((tuple(a.A.shape), tuple(a.B.shape), a.rank), []).append(name)
 
-    stats = {key: [] for key in ("intra_before", "intra_after", "inter_before", "inter_after", "objective", "moved")}
+    stats = {key: [] for key in ("layer",) + REGROUP_STATS}
     permutations = {}
     for (_, _, r), names in by_shape.items():
         Z = torch.stack([layers[n].signal_sum if signal == "accumulated" else layers[n].signal_last for n in names])
         Z = F.normalize(Z, dim=-1, eps=1e-12)  # (L, N, n + m)
         L, N, _ = Z.shape
-        labels, centroids = spherical_kmeans(Z, N // r, n_init, max_iter, seed)
-        sim = Z @ centroids.transpose(1, 2)  # (L, N, K)
-        stats["objective"] += sim.gather(2, labels[..., None]).mean((1, 2)).tolist()  # mean cos to own centroid
-        sim = sim.gather(2, match_clusters_to_experts(labels, sim, r)[:, None, :].expand(L, N, -1))  # column e: expert e's cluster
-        expert = balanced_assignment(sim, r)
-        perm = permutation_in_place(expert, sim, r)
+        K, now = N // r, (torch.arange(N, device=Z.device) // r).expand(L, N)
+        groups, targets, dog = dynamic_orthogonal_grouping(Z, r, n_init, max_iter, seed)
+        sim = Z @ targets.transpose(1, 2)  # (L, N, K): cosine of each component to each group's target
+        group_of = match_clusters_to_experts(groups, sim, r)  # (L, K): the group expert e takes
+        expert = torch.argsort(group_of, dim=1).gather(1, groups)  # each component's new expert
+        perm = permutation_in_place(expert, sim.gather(2, group_of[:, None, :].expand(L, N, K)), r)
         for when, z in (("before", Z), ("after", Z.gather(1, perm[..., None].expand_as(Z)))):
             intra, inter = expert_angles(z, r)
             stats[f"intra_{when}"] += intra.tolist()
             stats[f"inter_{when}"] += inter.tolist()
-        stats["moved"] += (expert != torch.arange(N, device=Z.device) // r).sum(1).tolist()  # changed expert
+        stats["J_start"] += grouping_objective(Z, now, K).tolist()
+        stats["J_kmeans"] += dog["J_kmeans"].tolist()
+        stats["J_end"] += dog["J_end"].tolist()
+        stats["rounds"] += dog["rounds"].tolist()
+        stats["moved"] += (expert != now).sum(1).tolist()  # changed expert
+        stats["layer"] += names
         permutations.update(zip(names, perm))
     if sync is not None:
         permutations = sync(permutations)
     for name, p in permutations.items():
         permute_components(layers[name], p, optimizer)
         layers[name].signal_sum.zero_()
-    out = {key: sum(v) / len(v) for key, v in stats.items()}
+    out = {key: sum(stats[key]) / len(stats[key]) for key in REGROUP_STATS}
     out["moved_mean"], out["moved"] = out["moved"], sum(stats["moved"])
     return {**out, "per_layer": stats, "permutations": {n: p.tolist() for n, p in permutations.items()}}
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import elrea
-from badit import adapters_of, load_adapters
+from badit import REGROUP_STATS, adapters_of, load_adapters
 from checks import InputError, MissingFile, command, names, number, positive_int
 from data import CLASSROOM, answer_loss, collate, encode_examples, list_tasks, load_tasks
 from files import atomic_write, kind_of, new_folder, read_jsonl, write_json
@@ -419,26 +419,54 @@ def cmd_continual(args):
 
 
 def cmd_angles(args):
+    """The regroup diagnostics of SPEC section 5 over training: angles.md / .csv / .png, the means over layers
+    at every regroup; angles_layers.md / .csv / .png, every layer at every regroup (runs logged before DOG
+    have angles, moves and their own objective only: the columns they lack are left out)."""
     log = Path(args.run_dir) / "log.jsonl"
     if not log.is_file():
         raise MissingFile(f"{log} is missing: pass a run directory written by train.py.")
     entries = [e for e in read_jsonl(log) if "regroup" in e]
     if not entries:
         raise InputError(f"{log} has no regroup entries (only method badit regroups).")
-    keys = ["intra_before", "intra_after", "inter_before", "inter_after", "objective", "moved"]
-    rows = [["epoch", "step"] + keys] + [[e["epoch"], e["step"]] + [e["regroup"][k] for k in keys] for e in entries]
-    md = ["| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
-    md += ["| " + " | ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in r) + " |" for r in rows[1:]]
-    md.append("\nAngles in degrees between gradient directions of the components, averaged over layers (SPEC section 5).")
+    keys = [k for k in REGROUP_STATS if all(k in e["regroup"] for e in entries)]
+    rows = [["phase", "epoch", "step"] + keys] + [[e["phase"], e["epoch"], e["step"]] + [e["regroup"][k] for k in keys]
+                                                  for e in entries]
+    note = ("Angles in degrees between the components' gradient directions; J = sum over experts of the squared norm "
+            "of the sum of their unit directions, at the start (the experts as they were), after k-means and after "
+            "DOG's rounds (SPEC section 5).")
+    angles = ["intra_before", "intra_after", "inter_before", "inter_after"]
 
     def draw(ax):
-        steps = [e["step"] for e in entries]
-        for k in keys[:4]:
-            ax.plot(steps, [e["regroup"][k] for e in entries], marker="o", label=k)
-        ax.set(xlabel="optimizer step", ylabel="degrees")
+        for k in angles:
+            ax.plot([e["step"] for e in entries], [e["regroup"][k] for e in entries], marker="o", label=k)
+        ax.set(xlabel="optimizer step", ylabel="degrees (mean over layers)")
         ax.legend()
 
-    write_outputs(Path(args.run_dir) / "angles", "\n".join(md) + "\n", rows, draw)
+    write_outputs(Path(args.run_dir) / "angles", table(rows, "\n" + note + " Means over layers."), rows, draw)
+    per_layer = [e for e in entries if "per_layer" in e]
+    if not per_layer:
+        return
+    layer_keys = [k for k in keys if k in per_layer[0]["per_layer"]]
+    rows = [["phase", "step", "layer"] + layer_keys]
+    rows += [[e["phase"], e["step"], name] + [e["per_layer"][k][i] for k in layer_keys]
+             for e in per_layer for i, name in enumerate(e["per_layer"]["layer"])]
+
+    def draw_layers(ax):
+        for e in per_layer:
+            for k, style in (("intra_after", "-o"), ("inter_after", "--s")):
+                ax.plot(e["per_layer"][k], style, markersize=3, label=f"step {e['step']}: {k}")
+        ax.set(xlabel="adapted layer (in model order)", ylabel="degrees")
+        ax.legend(fontsize=6)
+
+    write_outputs(Path(args.run_dir) / "angles_layers", table(rows, "\n" + note + " One row per layer and regroup."), rows,
+                  draw_layers)
+
+
+def table(rows: list[list], note: str) -> str:
+    """A Markdown table of rows (the first is the header), floats to three decimals, then the note."""
+    md = ["| " + " | ".join(map(str, rows[0])) + " |", "|---" * len(rows[0]) + "|"]
+    md += ["| " + " | ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in r) + " |" for r in rows[1:]]
+    return "\n".join(md + [note]) + "\n"
 
 
 def analysis_setup(args):

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +55,19 @@ class Cell:
     flags: list = field(default_factory=list)
     kind: str = "train"
     of: str = ""
+    order: int | None = None  # continual: train.py's --order (None: its default)
 
     @property
     def row(self) -> str:
         return self.method + (f" [{self.variant}]" if self.variant else "")
 
 
-def grid(methods, seeds, setting="mtl", variant="", flags=()) -> list[Cell]:
+def grid(methods, seeds, setting="mtl", variant="", flags=(), orders=(None,)) -> list[Cell]:
+    """A cell per method x seed (x continual order): orders vary like seeds, the same row, paired by (order, seed)."""
     tag = "" if not variant else "-" + variant.replace(" ", "_").replace("/", "_")
     suffix = "" if setting == "mtl" else f"-{setting}"
-    return [Cell(f"{m}{tag}{suffix}-s{s}", m, s, setting, variant, list(flags)) for m in methods for s in seeds]
+    return [Cell(f"{m}{tag}{suffix}{'' if o is None else f'-o{o}'}-s{s}", m, s, setting, variant, list(flags), order=o)
+            for m in methods for o in orders for s in seeds]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,6 +76,14 @@ def grid(methods, seeds, setting="mtl", variant="", flags=()) -> list[Cell]:
 
 SEEDS = [0, 1, 2]
 ALL = list(ADAPTERS)  # every method train.py trains: the six adapters and elrea
+
+
+SUPERNI_RECIPE = ["--data", str(SUPERNI), "--limit", "32", "--max-len", "512", "--epochs", "3", "--lr", "2e-4",
+                  "--eval-limit", "20", "--eval", "after"]
+# The two studies below ran before K = 8 and DOG (SPEC sections 2, 5): they pin K = 6, which was the default then.
+BEFORE_DOG = ("K = 6 (the default when these cells ran). The badit cells were made by the regroup before DOG, that of "
+              "commit 4fd4ee7 (spherical k-means seeded by the run's seed, then a greedy balanced fill; no orthogonal "
+              "targets): today's code reruns them with DOG. The other methods' cells rerun as they ran.")
 
 
 def classroom_study() -> dict:
@@ -91,7 +102,8 @@ def classroom_study() -> dict:
         cells += grid(["lora"], SEEDS, "mtl", f"lr={lr}", ["--lr", lr])
     cells += [Cell(f"analysis-{m}", m, kind="analysis", of=f"{m}-s0") for m in ALL if m != "elrea"]
     cells += grid(["elrea"], SEEDS) + grid(["elrea"], SEEDS, "single")
-    return dict(flags=["--data", CLASSROOM, "--eval", "after"], cells=cells, reference="lora")
+    return dict(flags=["--data", CLASSROOM, "--eval", "after", "--num-experts", "6"], cells=cells, reference="lora",
+                notes=[BEFORE_DOG])
 
 
 def superni_study() -> dict:
@@ -106,13 +118,37 @@ def superni_study() -> dict:
     cells += grid(["lora", "badit"], SEEDS, "single")
     cells += grid(["pissa", "cgc", "elrea"], [0])
     cells += [Cell(f"analysis-{m}", m, kind="analysis", of=f"{m}-s0") for m in ("lora", "badit")]
-    cells += grid(["lora", "badit"], [0], "continual")
-    flags = ["--data", str(SUPERNI), "--limit", "32", "--max-len", "512", "--epochs", "3", "--lr", "2e-4",
-             "--eval-limit", "20", "--eval", "after"]
-    return dict(flags=flags, cells=cells, reference="lora")
+    cells += [replace(c, order=0) for c in grid(["lora", "badit"], [0], "continual")]  # their ids as they ran
+    return dict(flags=SUPERNI_RECIPE + ["--num-experts", "6"], cells=cells, reference="lora",
+                notes=[BEFORE_DOG, "The continual cells ran before task orders existed: order 0, shuffled by --seed."])
 
 
-STUDIES = {"classroom": classroom_study, "superni": superni_study}
+def classroom_paper_study() -> dict:
+    """The classroom suite and recipe with the paper's K = 8 and DOG (nothing else changed): lora, loramoe,
+    badit-noregroup and badit at 3 seeds; single-task runs of lora and badit (colla); the sequential setting
+    for lora, loramoe and badit over orders 1, 2 and 3 (the suite as listed, reversed, and a seeded
+    permutation); and badit at K = 6 with DOG (3 seeds), which against the classroom study's badit cells
+    (K = 6, the old regroup, the same seeds) isolates DOG, and against this study's badit K."""
+    cells = [Cell("base", "base", kind="base")]
+    cells += grid(["lora", "loramoe", "badit-noregroup", "badit"], SEEDS)
+    cells += grid(["lora", "badit"], SEEDS, "single")
+    cells += grid(["lora", "loramoe", "badit"], [0], "continual", orders=[1, 2, 3])
+    cells += grid(["badit"], SEEDS, "mtl", "K=6", ["--num-experts", "6"])
+    return dict(flags=["--data", CLASSROOM, "--eval", "after"], cells=cells, reference="lora")
+
+
+def superni_paper_study() -> dict:
+    """The superni study's data and recipe (SUPERNI_RECIPE) with K = 8 and DOG: lora, loramoe, badit-noregroup
+    and badit at 3 seeds, joint training, and badit at K = 6 with DOG (3 seeds, against the superni study's
+    badit cells). Its sequential cells come with the paper's continual baselines (O-LoRA, GainLoRA)."""
+    cells = [Cell("base", "base", kind="base")]
+    cells += grid(["lora", "loramoe", "badit-noregroup", "badit"], SEEDS)
+    cells += grid(["badit"], SEEDS, "mtl", "K=6", ["--num-experts", "6"])
+    return dict(flags=SUPERNI_RECIPE, cells=cells, reference="lora")
+
+
+STUDIES = {"classroom": classroom_study, "superni": superni_study, "classroom-paper": classroom_paper_study,
+           "superni-paper": superni_paper_study}
 
 
 def custom_study(args, train_flags) -> dict:
@@ -125,9 +161,12 @@ def custom_study(args, train_flags) -> dict:
         if not key or not values:
             raise InputError(f"--vary {args.vary!r}: give a train.py flag and its values, e.g. --vary lr=1e-4,2e-4.")
         variants = [(f"{key}={v}", [f"--{key}", v]) for v in names(values)]
+    if args.orders and not args.continual:
+        raise InputError("--orders are the continual setting's task orders: add --continual.")
     settings = ["mtl"] + ["single"] * args.single + ["continual"] * args.continual
     for (variant, flags), setting in itertools.product(variants, settings):
-        cells += grid(args.methods, args.seeds, setting, variant, flags)
+        orders = args.orders if setting == "continual" and args.orders else [None]
+        cells += grid(args.methods, args.seeds, setting, variant, flags, orders)
     return dict(flags=train_flags, cells=cells, reference=args.reference)
 
 
@@ -162,8 +201,9 @@ def commands(cell: Cell, study: dict, work: Path, python: list) -> list[list]:
 
 
 def train_argv(cell: Cell, study: dict, work: Path) -> list:
+    order = [] if cell.order is None else ["--order", str(cell.order)]
     return ["train.py", "--out", work / cell.id, "--method", cell.method, "--seed", str(cell.seed), "--setting",
-            cell.setting, *study["flags"], *cell.flags]
+            cell.setting, *order, *study["flags"], *cell.flags]
 
 
 def check_grid(study: dict, work: Path):
@@ -289,7 +329,8 @@ def same_grid(saved: dict, record: dict) -> bool:
     """Where the data lies (--data's folder) is not part of the grid: each run checks its data's fingerprint."""
     def located(flags):
         return [("<data>" if i and flags[i - 1] == "--data" else f) for i, f in enumerate(flags)]
-    return ({k: saved.get(k) for k in record} | {"flags": located(saved.get("flags", []))}
+    cells = [asdict(Cell(**c)) for c in saved.get("cells", [])]  # fields added since take their defaults
+    return ({k: saved.get(k) for k in record} | {"flags": located(saved.get("flags", [])), "cells": cells}
             == record | {"flags": located(record["flags"])})
 
 
@@ -338,7 +379,8 @@ def run_study(name: str, study: dict, launcher: str, nproc: int, base: Path = RO
 
 def run_cells(name: str, study: dict, launcher: str, nproc: int, work: Path, results: Path) -> list[str]:
     command = study_command()
-    atomic_write(results / "study.json", lambda f: Path(f).write_text(json.dumps({"command": command, **grid_record(study)}, indent=1)))
+    record = {"command": command, **grid_record(study), **({"notes": study["notes"]} if study.get("notes") else {})}
+    atomic_write(results / "study.json", lambda f: Path(f).write_text(json.dumps(record, indent=1)))
     python = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                                  if launcher == "torchrun" else [])
     cells = study["cells"]
@@ -429,7 +471,8 @@ def summarise(results: Path) -> dict:
     trained = [c for c in cells if c["kind"] == "train" and "metrics_test" in c]
     rows = list(dict.fromkeys(row_of(c) for c in study["cells"] if c["kind"] == "train"))
     tasks = list(dict.fromkeys(t for c in trained for t in c["metrics_test"]["per_task"]))
-    out = {"command": study["command"], "reference": study["reference"], "tasks": tasks, "rows": {}}
+    out = {"command": study["command"], "reference": study["reference"], "tasks": tasks, "rows": {},
+           "notes": study.get("notes", [])}
     for row in rows:
         mtl = {c["seed"]: c for c in trained if row_of(c) == row and c["setting"] == "mtl"}
         single = {c["seed"]: c for c in trained if row_of(c) == row and c["setting"] == "single"}
@@ -459,8 +502,8 @@ def summarise(results: Path) -> dict:
                           "p": paired_permutation_test(diffs)}
     continual = [c for c in trained if c["setting"] == "continual" and "continual" in c]
     single = {(row_of(c), c["seed"]): c for c in trained if c["setting"] == "single"}
-    out["continual"] = {row_of(c) + f" (seed {c['seed']})": continual_summary(c, single.get((row_of(c), c["seed"])))
-                        for c in continual}
+    out["continual"] = {continual_label(c): continual_summary(c, single.get((row_of(c), c["seed"]))) for c in continual}
+    out["continual_rows"] = continual_rows(continual, out["continual"], study["reference"])
     out["analyses"] = {}
     for c in cells:
         if c["kind"] == "analysis":
@@ -477,6 +520,45 @@ def paired(trained, row, reference, tasks):
                      if row_of(c) == name and c["setting"] == "mtl" for t in tasks if t in c["metrics_test"]["per_task"]}
                     for name in (row, reference))
     return [(ours[k], theirs[k]) for k in sorted(ours) if k in theirs]
+
+
+def continual_label(c: dict) -> str:
+    order = c.get("order")
+    return row_of(c) + f" ({'' if order is None else f'order {order}, '}seed {c['seed']})"
+
+
+def continual_terms(c: dict) -> dict:
+    """(order, seed, task) -> (final score a[T][i], forgetting of task i, None for the last task) of a continual cell."""
+    a, order = c["continual"]["rougeL"], c["continual"]["order"]
+    T = len(order)
+    return {(c.get("order"), c["seed"], t): (a[-1][i], max(a[j][i] for j in range(i, T - 1)) - a[-1][i] if i < T - 1 else None)
+            for i, t in enumerate(order)}
+
+
+def continual_rows(continual: list[dict], per_cell: dict, reference: str) -> dict:
+    """Per row: AP / Fgt / Fwt / Bwt over its finished continual cells (orders x seeds), and against the reference
+    row the paired test over (order, seed) x tasks of the final scores (AP's terms) and of forgetting (Fgt's)."""
+    full = [c for c in continual if "AP" in per_cell[continual_label(c)]]
+    rows = {}
+    for row in dict.fromkeys(row_of(c) for c in full):
+        mine = [c for c in full if row_of(c) == row]
+        r = {k: [per_cell[continual_label(c)][k] for c in mine if k in per_cell[continual_label(c)]]
+             for k in ("AP", "Fgt", "Fwt", "Bwt")}
+        r["runs"] = [continual_label(c) for c in mine]
+        rows[row] = r
+    for row, r in rows.items():
+        if row == reference or reference not in rows:
+            continue
+        ours = {k: v for c in full if row_of(c) == row for k, v in continual_terms(c).items()}
+        theirs = {k: v for c in full if row_of(c) == reference for k, v in continual_terms(c).items()}
+        shared = sorted((k for k in ours if k in theirs), key=str)
+        runs = {k[:2] for k in shared}
+        for i, name in ((0, "final"), (1, "forgetting")):
+            diffs = [ours[k][i] - theirs[k][i] for k in shared if ours[k][i] is not None]
+            if diffs:
+                r[f"{name}_against_reference"] = {"pairs": len(diffs), "seeds": len(runs), "mean_difference": float(np.mean(diffs)),
+                                                  "p": paired_permutation_test(diffs)}
+    return rows
 
 
 def continual_summary(c: dict, single: dict | None) -> dict:
@@ -501,7 +583,7 @@ def read_analyses(folder: Path) -> dict:
 def markdown(name: str, s: dict) -> str:
     rows = s["rows"]
     heads = list(rows)
-    lines = [f"# Study `{name}`", "", f"Command: `{s['command']}`", "",
+    lines = [f"# Study `{name}`", "", f"Command: `{s['command']}`", "", *[f"Note: {n}\n" for n in s.get("notes", [])],
              "ROUGE-L x100 per task, mean ± standard deviation over seeds (sample std); "
              "a difference counts only beyond seed noise (SPEC section 8).", ""]
     base = s.get("base")
@@ -554,10 +636,27 @@ def markdown(name: str, s: dict) -> str:
                              f"{np.mean(g['inter_after']):.1f} | {np.mean(g['moved']):.0f} |")
     if s["continual"]:
         lines += ["", "## Continual setting (ROUGE-L)", "",
-                  "Fwt against the same method's single-task run at the same seed, where there is one.", "",
+                  "Fwt against the same method's single-task run at the same seed, where there is one. Orders: 1 and 2 "
+                  "the benchmark's published ones (the classroom suite: listed and reversed), 3 and up seeded "
+                  "permutations, 0 the --seed-shuffled order of runs made before orders existed.", "",
                   "| run | AP | Fgt | Fwt | Bwt |", "|---|---|---|---|---|"]
         for h, m in s["continual"].items():
             lines.append(f"| {h} | " + " | ".join(f"{m[k]:.1f}" if k in m else "-" for k in ("AP", "Fgt", "Fwt", "Bwt")) + " |")
+        rows = s.get("continual_rows", {})
+        if any(len(r["AP"]) > 1 for r in rows.values()):
+            lines += ["", "Over orders and seeds: mean ± standard deviation.", "",
+                      "| method | runs | AP | Fgt | Fwt | Bwt |", "|---|---|---|---|---|---|"]
+            for h, r in rows.items():
+                lines.append(f"| {h} | {len(r['AP'])} | " + " | ".join(mean_std(r[k]) for k in ("AP", "Fgt", "Fwt", "Bwt")) + " |")
+            tested = [(h, r) for h, r in rows.items() if "final_against_reference" in r]
+            if tested:
+                lines += ["", f"Against `{s['reference']}`, paired over (order, seed) x tasks: the final score of each "
+                          "task (AP's terms) and its forgetting (Fgt's terms; lower is better).", "",
+                          "| method | pairs | mean difference | p | reading |", "|---|---|---|---|---|"]
+                for h, r in tested:
+                    for key, what in (("final_against_reference", "final score"), ("forgetting_against_reference", "forgetting")):
+                        if key in r:
+                            lines.append(paired_row(f"{h}: {what}", r[key], s["reference"], runs="orders x seeds"))
     if s["analyses"]:
         lines += ["", "## Interference analyses (seed 0; SPEC section 8)", "",
                   "| method | task-gradient cosine, mean off-diagonal | negative pairs | co-activation: blocks marked by 1, 2, ... tasks |",
@@ -568,11 +667,11 @@ def markdown(name: str, s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paired_row(row: str, a: dict, other: str) -> str:
-    """The test's reading. SPEC section 8 calls nothing a difference under 3 seeds: with fewer, p measures the
-    spread over tasks at one or two seeds, not the seeds' spread."""
+def paired_row(row: str, a: dict, other: str, runs="seeds") -> str:
+    """The test's reading. SPEC section 8 calls nothing a difference under 3 seeds (or orders x seeds): with
+    fewer, p measures the spread over tasks at one or two runs, not the runs' spread."""
     if a["seeds"] < 3:
-        reading = f"{a['seeds']} seed{'s' if a['seeds'] > 1 else ''}: an anecdote, not a comparison"
+        reading = f"{a['seeds']} {runs if a['seeds'] > 1 else runs.split(' x ')[0].rstrip('s')}: an anecdote, not a comparison"
     elif a["p"] >= 0.05:
         reading = "no difference beyond seed noise"
     else:
@@ -647,6 +746,8 @@ def main(argv=None):
     g.add_argument("--seeds", type=lambda t: [int(s) for s in names(t)], default=[0, 1, 2], help="default: 0,1,2")
     g.add_argument("--single", action="store_true", help="also the single-task runs of every method (colla)")
     g.add_argument("--continual", action="store_true", help="also the continual setting")
+    g.add_argument("--orders", type=lambda t: [int(o) for o in names(t)], help="continual: the task orders, varied like "
+                   "seeds (train.py --order), e.g. 1,2,3 (default: train.py's, order 1)")
     g.add_argument("--vary", help="one train.py flag over values, e.g. lr=1e-4,2e-4,5e-4: a row per value")
     g.add_argument("--reference", default="lora", help="the method the others are tested against (default: lora)")
     g = p.add_argument_group("running")

@@ -14,7 +14,7 @@ metrics_test.*). A run directory that holds a run is continued with --resume or 
 --overwrite, never silently; one process at a time may use it.
 
 Settings (SPEC section 8): mtl trains one adapter on all tasks mixed; continual trains on the tasks
-one after another in a seeded order (optimizer and schedule restarted per task, every test set
+one after another in a named order (--order) (optimizer and schedule restarted per task, every test set
 evaluated after each task, the matrix in continual.json); single trains one adapter per task in
 <out>/<task>/, the baselines of `colla` and Fwt.
 
@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -41,10 +40,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import elrea
-from badit import (METHODS, accumulate_regroup_signal, add_adapters, check_adapters, load_adapters, regroup,
+from badit import (METHODS, REGROUP_STATS, accumulate_regroup_signal, add_adapters, check_adapters, load_adapters, regroup,
                    reset_regroup_signal, routed_adapters, save_adapters)
 from checks import METHOD_FLAGS, InputError, check_method_flags, command, names, number, positive_int
-from data import CLASSROOM, answer_loss, batch_order, collate, encode_examples, fingerprint, list_tasks, load_tasks
+from data import (CLASSROOM, answer_loss, batch_order, collate, encode_examples, fingerprint, list_tasks, load_tasks,
+                  task_order)
 from eval import continual_metrics, evaluate, markdown_table
 from files import (MARKER, atomic_write, check_writable_path, contents, empty_folder, inside, kind_of, lock_folder, mark,
                    read_jsonl, write_json)
@@ -81,8 +81,8 @@ def parse_args(argv=None):
                    "pipeline (elrea.py) (default: %(default)s)")
     g.add_argument("--targets", type=names, default=["gate_proj"], help="comma-separated linear layer names to adapt "
                    "(default: gate_proj)")
-    g.add_argument("--num-experts", type=positive_int, default=6, help="K experts of loramoe and badit; lora, pissa "
-                   "and elrea get rank K x r, cgc Kc = K - 2 common experts (default: %(default)s)")
+    g.add_argument("--num-experts", type=positive_int, default=8, help="K experts of loramoe and badit; lora, pissa "
+                   "and elrea get rank K x r, cgc Kc = K - 2 common experts (default: %(default)s, the paper's)")
     g.add_argument("--rank", type=positive_int, default=4, help="r, the rank of each expert (default: %(default)s)")
     g.add_argument("--alpha", type=number(float, 0, low_open=True), default=32.0, help="LoRA alpha; every method "
                    "scales each rank-1 component by alpha / r, lora and pissa included (default: %(default)s)")
@@ -115,6 +115,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation (SPEC section 8)")
     g.add_argument("--setting", default="mtl", choices=["mtl", "continual", "single"], help="see above; elrea runs "
                    "mtl, or single (one ELREA per task: allowed, but pointless and costly) (default: %(default)s)")
+    g.add_argument("--order", type=number(int, 0), help="continual: the task order; 1 and 2 the benchmark's published "
+                   "orders (classroom and other tasks: as listed, and reversed), N >= 3 a permutation seeded by N, 0 the "
+                   "--seed-shuffled order of runs made before orders existed (default: 1)")
     g.add_argument("--epochs", type=positive_int, help="default: 10, classroom 4")
     g.add_argument("--lr", type=number(float, 0, low_open=True), help="AdamW learning rate (default: 2e-4, classroom 1e-3)")
     g.add_argument("--weight-decay", type=number(float, 0), default=0.0, help="AdamW weight decay (default: %(default)s)")
@@ -153,6 +156,10 @@ def parse_args(argv=None):
     check_method_flags(args.method, {f for f in METHOD_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None})
     if args.top_k is not None and args.top_k > args.num_experts:
         p.error(f"--top-k {args.top_k} must be at most --num-experts ({args.num_experts}).")
+    if args.order is not None and args.setting != "continual":
+        p.error(f"--order is for --setting continual only; --setting {args.setting} would ignore it.")
+    if args.setting == "continual" and args.order is None:
+        args.order = 1
     if args.method == "elrea" and args.setting == "continual":
         p.error("--setting continual is not defined for elrea: it is a multi-task method that clusters the whole "
                 "training set; use --setting mtl or single.")
@@ -589,12 +596,14 @@ def do_regroup(model, optimizer, args, world, log, phase, epoch, step):
 
     seed = derived_seed(args.seed, "regroup", phase, regroup_index(args, epoch, step))  # SPEC section 5: fresh draws each time
     d = regroup(model, optimizer, signal=args.regroup_signal, seed=seed, sync=rank0s_permutations if world > 1 else None)
-    summary = {k: d[k] for k in ("intra_before", "intra_after", "inter_before", "inter_after", "objective", "moved", "moved_mean")}
+    summary = {k: d[k] for k in REGROUP_STATS + ("moved_mean",)}
     tqdm.write(f"regroup at step {step}: intra-expert angle {summary['intra_before']:.1f} -> {summary['intra_after']:.1f} deg, "
-               f"inter-expert {summary['inter_before']:.1f} -> {summary['inter_after']:.1f} deg, {summary['moved']} components moved"
-               + ("" if agreed[0] else " (the ranks' own clusterings differed: rank 0's was applied everywhere)"))
+               f"inter-expert {summary['inter_before']:.1f} -> {summary['inter_after']:.1f} deg, J {summary['J_start']:.2f} -> "
+               f"{summary['J_kmeans']:.2f} (k-means) -> {summary['J_end']:.2f} in {summary['rounds']:.1f} rounds, "
+               f"{summary['moved']} components moved"
+               + ("" if agreed[0] else " (the ranks' own groupings differed: rank 0's was applied everywhere)"))
     if log:
-        log.write(json.dumps(dict(phase=phase, epoch=epoch + 1, step=step, regroup=summary, moved_per_layer=d["per_layer"]["moved"],
+        log.write(json.dumps(dict(phase=phase, epoch=epoch + 1, step=step, regroup=summary, per_layer=d["per_layer"],
                                   same_on_all_ranks=agreed[0], permutations=d["permutations"])) + "\n")
         log.flush()
 
@@ -830,8 +839,7 @@ def summarise(per_task, args, run_dir):
 
 def train_continual(model, tok, args, train, test, run_dir, rank, world):
     """Tasks one after another; after each, every test set is scored: a[j][i] in continual.json."""
-    order = list(args.tasks)
-    random.Random(args.seed).shuffle(order)
+    order = task_order(args.tasks, getattr(args, "order", 0), args.seed)  # runs made before orders: 0
     file = run_dir / "continual.json"
     record = read_json(file, DAMAGED_RUN) if args.resume and file.is_file() else {"order": order, "rougeL": [], "exact_match": []}
     ckpt = run_dir / "checkpoint"

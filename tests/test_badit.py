@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from badit import (METHODS, accumulate_regroup_signal, add_adapters, adapters_of, balanced_assignment,
-                   export_peft, hungarian, load_adapters, merge_adapters, permutation_in_place, regroup,
-                   routed_adapters, save_adapters, spherical_kmeans)
+                   dynamic_orthogonal_grouping, export_peft, grouping_objective, linear_assignment, load_adapters,
+                   merge_adapters, orthogonal_targets, permutation_in_place, regroup, routed_adapters, save_adapters,
+                   spherical_kmeans)
 from conftest import left_padded_batch
 from model import generate, load_model
 
@@ -137,12 +138,15 @@ def test_kmeans_objective_not_worse_than_sklearn():
 @settings(max_examples=60, deadline=None)
 @given(L=st.integers(1, 4), K=st.integers(1, 7), r=st.integers(1, 5), seed=st.integers(0, 10**6))
 def test_balanced_assignment_and_the_in_place_permutation(L, K, r, seed):
+    from scipy.optimize import linear_sum_assignment
+
     sim = torch.rand(L, K * r, K, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     expert = balanced_assignment(sim, r)
     assert (torch.nn.functional.one_hot(expert, K).sum(1) == r).all()  # exactly r components per expert
-    best = sim.view(L, -1).argmax(1)  # the best pair overall is always honoured
-    for l in range(L):
-        assert expert[l, best[l] // K] == best[l] % K
+    for l in range(L):  # as good as scipy's exact assignment of the components to r slots per expert
+        slots = sim[l].repeat_interleave(r, dim=1).double().numpy()
+        best = slots[linear_sum_assignment(slots, maximize=True)].sum()
+        assert sim[l].double().gather(1, expert[l, :, None]).sum().item() == pytest.approx(best, abs=1e-9)
 
     perm = permutation_in_place(expert, sim, r)
     slot = torch.arange(K * r)
@@ -156,17 +160,89 @@ def test_balanced_assignment_and_the_in_place_permutation(L, K, r, seed):
             assert all(sim[l, a, e] >= sim[l, b, e] for a, b in zip(new, new[1:]))
 
 
+def balanced_assignments(N, K):
+    """Every assignment of N components to K groups of N / K each (brute force)."""
+    import itertools
+
+    r = N // K
+    for perm in itertools.permutations(range(N)):
+        groups = [0] * N
+        for slot, j in enumerate(perm):
+            groups[j] = slot // r
+        if all(sorted(perm[k * r:(k + 1) * r]) == list(perm[k * r:(k + 1) * r]) for k in range(K)):
+            yield groups  # each partition once: members of a group in increasing order
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_exact_balanced_assignment_is_optimal_against_brute_force(seed):
+    N, K = 8, 4
+    sim = torch.randn(2, N, K, generator=torch.Generator().manual_seed(seed)).double()
+    expert = balanced_assignment(sim, N // K)
+    for l in range(2):
+        everything = list(balanced_assignments(N, K))
+        assert len(everything) == 40320 // 2**4 and len(set(map(tuple, everything))) == len(everything)
+        best = max(sum(sim[l, j, g] for j, g in enumerate(groups)) for groups in everything)
+        assert sim[l].gather(1, expert[l, :, None]).sum().item() == pytest.approx(best.item(), abs=1e-12)
+
+
+def greedy_fill(sim, r):
+    """The regroup before DOG: place the most similar free (component, expert) pair until every expert holds r."""
+    N, K = sim.shape
+    expert, count, free = [-1] * N, [0] * K, sim.clone()
+    for _ in range(N):
+        j, e = divmod(int(free.argmax()), K)
+        expert[j], count[e] = e, count[e] + 1
+        free[j, :] = -float("inf")
+        if count[e] == r:
+            free[:, e] = -float("inf")
+    return expert
+
+
+def test_a_planted_case_where_the_greedy_fill_is_wrong_and_the_exact_assignment_is_right():
+    # component 0 is nearest to target 0, but component 1 can only go there: greedy takes (0, 0) first and
+    # leaves component 1 with target 1 (total 1.0 + 0.0), the exact assignment swaps them (0.9 + 0.9)
+    sim = torch.tensor([[1.0, 0.9], [0.9, 0.0]])
+    assert greedy_fill(sim, 1) == [0, 1]
+    assert balanced_assignment(sim[None], 1)[0].tolist() == [1, 0]
+
+
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 7), seed=st.integers(0, 10**6), ties=st.booleans())
-def test_hungarian_is_an_exact_maximum_assignment(n, seed, ties):
+@given(n=st.integers(1, 8), b=st.integers(1, 4), seed=st.integers(0, 10**6), ties=st.booleans())
+def test_linear_assignment_is_exact_and_batched(n, b, seed, ties):
     from scipy.optimize import linear_sum_assignment
 
     g = torch.Generator().manual_seed(seed)
-    score = torch.randint(0, 3, (n, n), generator=g).double() if ties else torch.randn(n, n, generator=g).double()
-    col = hungarian(score.tolist())
-    assert sorted(col) == list(range(n))
-    rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
-    assert sum(score[i, col[i]] for i in range(n)) == pytest.approx(score.numpy()[rows, cols].sum(), abs=1e-9)
+    cost = torch.randint(0, 3, (b, n, n), generator=g).double() if ties else torch.randn(b, n, n, generator=g).double()
+    col = linear_assignment(cost)
+    for k in range(b):
+        assert sorted(col[k].tolist()) == list(range(n))
+        rows, cols = linear_sum_assignment(cost[k].numpy())
+        assert cost[k].gather(1, col[k, :, None]).sum().item() == pytest.approx(cost[k].numpy()[rows, cols].sum(), abs=1e-9)
+        assert torch.equal(linear_assignment(cost[k:k + 1])[0], col[k])  # a problem's answer does not depend on its batch
+
+
+@settings(max_examples=25, deadline=None)
+@given(L=st.integers(1, 3), K=st.integers(2, 6), r=st.integers(1, 4), seed=st.integers(0, 10**6))
+def test_dog_keeps_j_at_least_the_k_means_starts_and_its_targets_are_orthonormal(L, K, r, seed):
+    Z = torch.nn.functional.normalize(torch.randn(L, K * r, 40, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    groups, targets, d = dynamic_orthogonal_grouping(Z, r, n_init=3, seed=seed)
+    assert (torch.nn.functional.one_hot(groups, K).sum(1) == r).all()
+    assert torch.allclose(grouping_objective(Z, groups, K), d["J_end"])
+    assert (d["J_end"] >= d["J_kmeans"] - 1e-6).all()
+    assert ((d["rounds"] >= 1) & (d["rounds"] <= 20)).all()
+    Q = orthogonal_targets(Z, groups, K)
+    torch.testing.assert_close(Q @ Q.transpose(1, 2), torch.eye(K).expand(L, K, K), atol=1e-5, rtol=0)
+
+
+def test_orthogonal_targets_are_the_polar_factor_of_the_centroid_matrix():
+    Z = torch.nn.functional.normalize(torch.randn(2, 12, 30, generator=torch.Generator().manual_seed(0)), dim=-1).double()
+    groups = (torch.arange(12) // 3).expand(2, 12)
+    Q = orthogonal_targets(Z, groups, 4)
+    C = torch.nn.functional.one_hot(groups, 4).double().transpose(1, 2) @ Z
+    for l in range(2):  # the orthonormal set nearest to C: no other rotation of Q comes closer
+        for _ in range(20):
+            R = torch.linalg.qr(torch.randn(4, 4, dtype=torch.double))[0]
+            assert (C[l] - R @ Q[l]).norm() >= (C[l] - Q[l]).norm() - 1e-12
 
 
 # ---------------------------------------------------------------------------------------------- regroup
@@ -193,12 +269,13 @@ def test_regroup_is_an_exact_permutation_and_keeps_uniform_routing_function(tiny
     assert diag["moved"] > 0
     for name, a in routed_adapters(model).items():
         perm = torch.tensor(diag["permutations"][name])
-        assert torch.equal(perm.sort().values, torch.arange(24))
+        assert torch.equal(perm.sort().values, torch.arange(32))
         A, B = before[name]
         assert torch.equal(a.A, A[perm]) and torch.equal(a.B, B[:, perm])
     torch.testing.assert_close(model(ids, mask), before_logits, atol=1e-5, rtol=0)
     assert diag["intra_after"] < diag["intra_before"]  # experts became more coherent
-    assert {"inter_before", "inter_after", "objective"} <= set(diag)
+    assert {"inter_before", "inter_after", "J_start", "J_kmeans", "J_end", "rounds"} <= set(diag)
+    assert diag["J_end"] >= diag["J_kmeans"] - 1e-6 and len(diag["per_layer"]["J_end"]) == 3
 
 
 def plant_signal(model, swap=None, seed=0):
@@ -226,7 +303,7 @@ def test_an_unchanged_partition_moves_nothing_even_with_a_trained_router(tiny_ch
     plant_signal(model)
     d = regroup(model)
     assert d["moved"] == 0 and d["per_layer"]["moved"] == [0, 0, 0]
-    assert all(p == list(range(24)) for p in d["permutations"].values())
+    assert all(p == list(range(32)) for p in d["permutations"].values())
     assert torch.equal(model(ids, mask), before)
 
 
@@ -236,7 +313,7 @@ def test_a_changed_partition_moves_only_the_components_that_changed(tiny_checkpo
     plant_signal(model, swap=(1, 6))  # component 1 belongs with expert 1, component 6 with expert 0
     d = regroup(model)
     assert d["per_layer"]["moved"] == [2, 2, 2] and d["moved"] == 6 and d["moved_mean"] == 2
-    swapped = list(range(24))
+    swapped = list(range(32))
     swapped[1], swapped[6] = 6, 1  # each takes the other's slot; every router row keeps its components
     assert all(p == swapped for p in d["permutations"].values())
 
@@ -264,7 +341,7 @@ def test_top_k_is_for_loramoe_only(tiny_checkpoints, method):
 
 
 def test_top_k_within_the_experts(tiny_checkpoints):
-    for k in (0, 7):
+    for k in (0, 9):
         with pytest.raises(ValueError, match=f"--top-k {k} must be between 1 and --num-experts"):
             adapted(tiny_checkpoints["llama3"], "loramoe", top_k=k)
     adapted(tiny_checkpoints["llama3"], "loramoe", top_k=2)

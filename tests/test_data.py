@@ -177,3 +177,28 @@ def test_unknown_classroom_task():
 
 def test_format_prompt_keeps_braces():
     assert format_prompt("Use {x}.", "a {b}") == "Use {x}.\n\nNow complete the following example -\nInput: a {b}\nOutput: "
+
+
+def test_task_orders_of_the_continual_setting():
+    import random
+
+    from data import PUBLISHED_ORDERS, task_order
+
+    benchmark = ["task002_quoref_answer_generation", "task073_commonsenseqa_answer_generation", "task1290_xsum_summarization",
+                 "task1510_evalution_relation_extraction", "task1572_samsum_summary", "task1590_diplomacy_text_generation",
+                 "task1687_sentiment140_classification", "task1729_personachat_generate_next", "task181_outcome_extraction",
+                 "task363_sst2_polarity_classification", "task511_reddit_tifu_long_text_summarization",
+                 "task591_sciq_answer_generation", "task639_multi_woz_user_utterance_generation",
+                 "task748_glucose_reverse_cause_event_detection", "task875_emotion_classification"]  # sorted, as list_tasks gives
+    one, two = task_order(benchmark, 1), task_order(benchmark, 2)
+    assert [t.split("_")[0] for t in one] == PUBLISHED_ORDERS[1] and one[0] == "task1572_samsum_summary"
+    assert [t.split("_")[0] for t in two] == PUBLISHED_ORDERS[2] and two[-1] == "task875_emotion_classification"
+    assert task_order(benchmark[:4], 1) == [t for t in one if t in benchmark[:4]]  # a subset keeps the relative order
+    suite = list(CLASSROOM_TASKS)
+    assert task_order(suite, 1) == suite and task_order(suite, 2) == suite[::-1]
+    three = task_order(suite, 3)
+    assert sorted(three) == sorted(suite) and three not in (suite, suite[::-1])
+    assert task_order(suite, 3, seed=5) == three != task_order(suite, 4)  # seeded by the order, not by --seed
+    legacy = list(suite)
+    random.Random(7).shuffle(legacy)
+    assert task_order(suite, 0, seed=7) == legacy  # runs made before orders: shuffled by --seed

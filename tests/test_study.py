@@ -131,6 +131,47 @@ def test_the_summary_equals_a_direct_computation(tmp_path):
     assert f"**{mean:.1f} ± " in text and "colla" in text
 
 
+def test_continual_rows_over_orders_equal_a_direct_computation(tmp_path):
+    """Orders vary like seeds: per method, AP / Fgt over (order, seed) with their spread, and against the reference
+    the paired test over (order, seed) x tasks of the final scores and of the forgetting."""
+    rng = np.random.default_rng(2)
+    cells, matrices = [], {}
+    for method in ("lora", "badit"):
+        cells.append(write_cell(tmp_path, f"{method}-s0", method, 0, scores={"a": 50.0, "b": 50.0, "c": 50.0}))
+        for order in (1, 2, 3):
+            id = f"{method}-continual-o{order}-s0"
+            tasks = ["a", "b", "c"] if order != 2 else ["c", "b", "a"]
+            a = rng.uniform(10, 90, (3, 3)).round(1).tolist()
+            matrices[method, order] = (tasks, a)
+            cell = write_cell(tmp_path, id, method, 0, "continual", scores=dict(zip(tasks, a[-1])))
+            cell["order"] = order
+            (tmp_path / "cells" / id / "cell.json").write_text(json.dumps(cell))
+            (tmp_path / "cells" / id / "continual.json").write_text(json.dumps({"order": tasks, "rougeL": a}))
+            cells.append(cell)
+    (tmp_path / "study.json").write_text(json.dumps({"command": "python study.py t", "flags": [], "reference": "lora", "cells": cells}))
+    s = study.summarise(tmp_path)
+    for method in ("lora", "badit"):
+        r = s["continual_rows"][method]
+        assert r["AP"] == pytest.approx([continual_metrics(matrices[method, o][1])["AP"] for o in (1, 2, 3)])
+        assert r["Fgt"] == pytest.approx([continual_metrics(matrices[method, o][1])["Fgt"] for o in (1, 2, 3)])
+    final, forgetting = [], []
+    for order in (1, 2, 3):
+        (tasks, ours), (same, theirs) = matrices["badit", order], matrices["lora", order]
+        assert tasks == same
+        for i in range(3):
+            final.append(ours[-1][i] - theirs[-1][i])
+            if i < 2:
+                forget = lambda a: max(a[j][i] for j in range(i, 2)) - a[-1][i]  # noqa: E731
+                forgetting.append(forget(ours) - forget(theirs))
+    against = s["continual_rows"]["badit"]
+    assert against["final_against_reference"]["pairs"] == 9 and against["forgetting_against_reference"]["pairs"] == 6
+    assert against["final_against_reference"]["mean_difference"] == pytest.approx(np.mean(final))
+    assert against["forgetting_against_reference"]["p"] == pytest.approx(study.paired_permutation_test(forgetting))
+    text = study.markdown("t", s)
+    assert "| badit (order 2, seed 0) |" in text and "| badit: forgetting | 6 |" in text
+    assert f"| badit | 3 | {np.mean(against['AP']):.1f} ± " in text
+
+
 TINY = ["--data", "classroom", "--tasks", "sort_ascending,sort_descending", "--limit", "8", "--batch-size", "4",
         "--epochs", "3", "--eval-limit", "2", "--max-new-tokens", "4", "--dtype", "float32"]
 

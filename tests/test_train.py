@@ -15,7 +15,7 @@ import torch
 
 import eval as evaluation
 import train
-from badit import METHODS, adapter_state
+from badit import METHODS, REGROUP_STATS, adapter_state
 from conftest import ROOT, interrupt_at
 from model import load_model
 
@@ -140,7 +140,8 @@ def test_single_and_continual_settings(tiny_trainable, tmp_path):
 
     run(tiny_trainable, tmp_path / "cont", "--method", "lora", "--setting", "continual", "--eval", "after")
     record = json.loads((tmp_path / "cont" / "continual.json").read_text())
-    assert sorted(record["order"]) == ["sort_ascending", "sort_descending"]
+    assert record["order"] == ["sort_ascending", "sort_descending"]  # order 1, the default: as listed
+    assert json.loads((tmp_path / "cont" / "config.json").read_text())["order"] == 1
     assert len(record["rougeL"]) == 2 and all(len(row) == 2 for row in record["rougeL"])
     phases = [e["phase"] for e in log_of(tmp_path / "cont") if "loss" in e]
     assert phases == [0] * 4 + [1] * 4  # 8 examples per task: 2 steps per epoch, 2 epochs
@@ -178,6 +179,11 @@ def test_analysis_commands(tiny_trainable, tmp_path):
     evaluation.main(["angles", str(out)])
     rows = (out / "angles.csv").read_text().splitlines()
     assert len(rows) == 1 + 2  # regroups after epochs 1 and 2 of 4
+    assert rows[0].split(",")[3:] == list(REGROUP_STATS)
+    layers = [line.split(",") for line in (out / "angles_layers.csv").read_text().splitlines()]
+    assert len(layers) == 1 + 2 * 3 and {r[2] for r in layers[1:]} == {f"layers.{i}.mlp.gate_proj" for i in range(3)}
+    J = {k: [float(r[layers[0].index(k)]) for r in layers[1:]] for k in ("J_kmeans", "J_end")}
+    assert all(end >= start - 1e-6 for start, end in zip(J["J_kmeans"], J["J_end"]))  # per layer, in the log
     evaluation.main(["conflict", str(out), "--batches", "1", "--batch-size", "2"])
     matrix = [line.split(",") for line in (out / "conflict.csv").read_text().splitlines()]
     assert matrix[0][1:] == ["sort_ascending", "sort_descending"]
