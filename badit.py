@@ -76,7 +76,7 @@ class LoRA(Adapter):
     """lora and pissa: one low-rank update of rank N = r_lora, no router.
 
     Each component is scaled by s = alpha / r with r the expert rank, as in every method (SPEC section
-    6): a rank-24 LoRA is then exactly six rank-4 experts without a router. PEFT would use alpha / r_lora.
+    6): a rank-32 LoRA is then exactly eight rank-4 experts without a router. PEFT would use alpha / r_lora.
     """
 
     def __init__(self, base, lora_rank, rank, alpha, dropout):
