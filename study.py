@@ -326,12 +326,14 @@ def grid_record(study: dict) -> dict:
 
 
 def same_grid(saved: dict, record: dict) -> bool:
-    """Where the data lies (--data's folder) is not part of the grid: each run checks its data's fingerprint."""
+    """Whether `record` continues the study `saved` describes: the same flags and reference, and every cell it
+    ran still there unchanged (a grid may grow by new cells). Where the data lies (--data's folder) is not
+    part of the grid: each run checks its data's fingerprint."""
     def located(flags):
         return [("<data>" if i and flags[i - 1] == "--data" else f) for i, f in enumerate(flags)]
     cells = [asdict(Cell(**c)) for c in saved.get("cells", [])]  # fields added since take their defaults
-    return ({k: saved.get(k) for k in record} | {"flags": located(saved.get("flags", [])), "cells": cells}
-            == record | {"flags": located(record["flags"])})
+    return (located(saved.get("flags", [])) == located(record["flags"]) and saved.get("reference") == record["reference"]
+            and all(c in record["cells"] for c in cells))
 
 
 def claim_study(name: str, work: Path, results: Path, record: dict, overwrite: bool):

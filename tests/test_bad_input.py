@@ -630,6 +630,9 @@ def test_study_exits_non_zero_and_refuses_what_would_mix(tiny_trainable, tmp_pat
     assert "study.json: not valid JSON" in refused(capsys, study.main, ["g", "--dir", str(tmp_path), "--summary"])
     (tmp_path / "results" / "g" / "study.json").write_text(record)
     assert "has run with another grid" in refused(capsys, study.main, [*grid, "--vary", "lr=3e-3", *flags])
+    assert "has run with another grid" in refused(capsys, study.main, [*grid, *flags, "--lr", "3e-3"])
+    assert study.same_grid(json.loads((tmp_path / "results" / "g" / "study.json").read_text()), study.grid_record(
+        {"flags": flags[1:], "reference": "lora", "cells": study.grid(["lora", "badit"], [0])}))  # a grid may grow
     study.main([*grid, "--vary", "lr=3e-3", "--overwrite", *flags])
     assert sorted(p.name for p in (tmp_path / "results" / "g" / "cells").iterdir()) == ["lora-lr=3e-3-s0"]
     lock = files.lock_folder(tmp_path / "studies" / "g", "study.py", "study name")  # a second study.py on it
