@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from checks import InputError, MissingFile
 from files import atomic_write
-from model import read_json, read_safetensors
+from model import hf_name, read_json, read_safetensors
 
 METHODS = ("lora", "pissa", "loramoe", "badit-noregroup", "badit", "cgc")  # trained by train.py's loop
 ADAPTERS = METHODS + ("elrea",)  # elrea's adapter: the ensemble that elrea.py's pipeline assembles
@@ -239,7 +240,7 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=8, rank
     config["active_rank"] = active.get(method, (top_k or num_experts) * rank)
     config["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{method}: {len(names)} layers adapted ({', '.join(targets)}), {config['trainable_params']:,} trainable "
-          f"parameters, active rank {config['active_rank']} per example")
+          f"parameters, active rank {config['active_rank']} per example", file=sys.stderr)  # stdout: a command's output
     model.adapter_config = config
     return config
 
@@ -694,10 +695,6 @@ def remove_adapters(model):
     return model
 
 
-def _hf_name(name: str) -> str:  # our module names drop Hugging Face's leading "model."
-    return name if name.startswith("lm_head") else "model." + name
-
-
 def export_peft(model, out_dir, base_model_name_or_path: str = ""):
     """Write a lora or pissa adapter in PEFT's format (adapter_config.json + adapter_model.safetensors).
 
@@ -715,7 +712,7 @@ def export_peft(model, out_dir, base_model_name_or_path: str = ""):
     tensors = {}
     for name, a in adapters_of(model).items():
         A, B = (torch.cat([a.A, a.A0]), torch.cat([a.B, -a.B0], 1)) if pissa else (a.A, a.B)
-        key = f"base_model.model.{_hf_name(name)}"
+        key = f"base_model.model.{hf_name(name)}"
         tensors[key + ".lora_A.weight"] = A.detach().contiguous()
         tensors[key + ".lora_B.weight"] = B.detach().contiguous()
     r = cfg["lora_rank"] * (2 if pissa else 1)

@@ -6,14 +6,18 @@ A task lives in <root>/<task>/{train,dev,test}.json in the natural-instructions 
 acceptable answers). `--data classroom` (the default everywhere) is a small suite generated here,
 deterministically, in the same format: `python data.py --export DIR` writes it to disk.
 
+    python data.py --download superni  # the benchmark's 15 tasks into the cache that --data superni reads
     python data.py --export DIR        # the classroom suite in SuperNI layout
     python data.py --show ROOT         # tasks, split sizes and one prompt per task
 """
 
 import argparse
 import hashlib
+import http.client
 import json
+import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,16 +25,109 @@ import torch
 import torch.nn.functional as F
 
 from checks import InputError, MissingFile, command
-from files import new_folder, write_json
+from files import check_writable_path, kind_of, mark, new_folder, write_json
 
 # SPEC section 7, exactly; note the trailing space after "Output:".
 PROMPT = "{definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
 SPLITS = ("train", "dev", "test")
 CLASSROOM = "classroom"
+SUPERNI = "superni"  # --data superni: the benchmark's 15 tasks in the cache (download_superni puts them there)
 
 
 def format_prompt(definition: str, input: str) -> str:
     return PROMPT.format(definition=definition, input=input)
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark, one command away (SPEC section 7): the 15 task folders of the SAPT repository at a pinned
+# commit, each file checked against the sha256 manifest committed beside this file.
+
+SUPERNI_URL = ("https://raw.githubusercontent.com/circle-hit/SAPT/52a52b920324c656bdb6dac08e43dc600ba22f21/"
+               "CL_Benchmark/SuperNI")
+MANIFEST = Path(__file__).resolve().parent / "superni.sha256"
+
+
+def superni_cache() -> Path:
+    """Where --data superni lives: $BADIT_CACHE/superni, by default ~/.cache/badit/superni."""
+    return Path(os.environ.get("BADIT_CACHE") or Path.home() / ".cache" / "badit") / SUPERNI
+
+
+def manifest(file=MANIFEST) -> dict[str, str]:
+    """task/split.json -> sha256, from a `sha256sum` listing."""
+    return {name: digest for digest, name in (line.split() for line in Path(file).read_text().splitlines() if line.strip())}
+
+
+def sha256(file) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+SUPERNI_PAGE = "https://github.com/circle-hit/SAPT/tree/52a52b920324c656bdb6dac08e43dc600ba22f21/CL_Benchmark/SuperNI"
+
+
+def by_hand(dest: Path) -> str:
+    again = "" if dest == superni_cache() else f" {dest}"
+    return (f"To place the files by hand: copy the 15 task folders of {SUPERNI_PAGE} (a clone of the SAPT repository "
+            f"at that commit will do) into {dest}, as {dest}/<task>/{{train,dev,test}}.json, and run `python data.py "
+            f"--download superni{again}` again: it checks every file against {MANIFEST.name} and fetches none that "
+            f"is already right.")
+
+
+def download_superni(dest=None, url=SUPERNI_URL, files=None) -> Path:
+    """Fetch the benchmark's files into dest (default: the cache), each written to a temporary file beside its
+    place, checked against its sha256 and only then renamed into place; files already there and right are not
+    fetched again. files: name -> sha256 (default: the committed manifest). -> dest."""
+    import urllib.error
+    import urllib.request
+    from tqdm import tqdm
+
+    dest = Path(dest) if dest else superni_cache()
+    files = files or manifest()
+    todo = [name for name, digest in files.items() if not ((dest / name).is_file() and sha256(dest / name) == digest)]
+    foreign = [name for name in todo if (dest / name).exists()]
+    if foreign and kind_of(dest) != "superni download":  # a file of yours by a benchmark file's name: never replaced
+        raise InputError(f"{dest / foreign[0]} is not the benchmark's file (its sha256 differs from {MANIFEST.name}) "
+                         f"and {dest} was not made by this command: nothing was replaced. Move the file away, or "
+                         f"download into another folder.")
+    check_writable_path(dest, "--download")
+    mark(dest, "superni download", "data.py --download")
+    for name in tqdm(todo, desc=f"SuperNI into {dest}", unit="file"):
+        target, source = dest / name, f"{url}/{name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        try:
+            with urllib.request.urlopen(source, timeout=60) as response, open(tmp, "wb") as out:
+                shutil.copyfileobj(response, out)
+                expected = int(response.headers.get("Content-Length") or out.tell())
+                if out.tell() < expected:  # the server went away in the middle of the file
+                    raise http.client.IncompleteRead(b"", expected - out.tell())
+            if sha256(tmp) != files[name]:
+                raise InputError(f"{source} does not match its sha256 in {MANIFEST.name} (the file was changed or cut "
+                                 f"short on the way); nothing of it was kept. Try again later. {by_hand(dest)}")
+            os.replace(tmp, target)
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            raise InputError(f"could not download {source} ({getattr(e, 'reason', None) or e}): offline, or the server "
+                             f"refused it; nothing of it was kept in {dest}. {by_hand(dest)}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    print(f"{len(files)} SuperNI files in {dest} match {MANIFEST.name} ({len(todo)} downloaded); use --data {SUPERNI}")
+    return dest
+
+
+def data_root(root):
+    """The folder --data names: `superni` is the cache (refused, with the download command, while incomplete)."""
+    if str(root) != SUPERNI:
+        return root
+    cache = superni_cache()
+    missing = [name for name in manifest() if not (cache / name).is_file()]
+    if missing:
+        raise MissingFile(f"--data {SUPERNI} is the benchmark in {cache}, which lacks {len(missing)} of its "
+                          f"{len(manifest())} files (e.g. {missing[0]}): run `python data.py --download superni` "
+                          f"(BADIT_CACHE moves the cache), or pass --data with a folder of your own.")
+    return cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,7 +146,7 @@ def list_tasks(root) -> list[str]:
     """Task names (sorted) of a SuperNI root, or of the classroom suite."""
     if str(root) == CLASSROOM:
         return list(CLASSROOM_TASKS)
-    root = Path(root)
+    root = Path(data_root(root))
     if root.exists() and not root.is_dir():
         raise InputError(f"data root {root} is a file: pass --data with a folder holding <task>/train.json etc. "
                          f"(SuperNI layout), or --data {CLASSROOM} for the embedded suite.")
@@ -66,6 +163,7 @@ def read_task(root, task: str, split: str) -> Task:
     """One task's split, checked field by field."""
     if str(root) == CLASSROOM:
         return classroom_task(task, split)
+    root = data_root(root)
     file = Path(root) / task / f"{split}.json"
     if not (Path(root) / task).is_dir():
         raise MissingFile(f"task {task!r} not found in {root}; available: {', '.join(list_tasks(root))}.")
@@ -341,8 +439,16 @@ def export_classroom(out_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export", metavar="DIR", help="write the classroom suite to DIR in SuperNI layout")
-    p.add_argument("--show", metavar="ROOT", help=f"summarise a data root (a folder or '{CLASSROOM}')")
+    p.add_argument("--show", metavar="ROOT", help=f"summarise a data root (a folder, '{CLASSROOM}' or '{SUPERNI}')")
+    p.add_argument("--download", nargs="+", metavar=("superni", "DIR"), help=f"fetch the benchmark's 15 tasks (SPEC "
+                   f"section 7) into DIR (default: {superni_cache()}, which --data {SUPERNI} reads; BADIT_CACHE moves "
+                   f"it), checking every file against {MANIFEST.name}")
     args = p.parse_args(argv)
+    if args.download:
+        if args.download[0] != SUPERNI or len(args.download) > 2:
+            p.error(f"--download takes {SUPERNI} and at most one folder, e.g. --download {SUPERNI} or --download "
+                    f"{SUPERNI} DIR.")
+        download_superni(args.download[1] if len(args.download) > 1 else None)
     if args.export:
         export_classroom(args.export)
     if args.show:
@@ -351,7 +457,7 @@ def main(argv=None):
             task = read_task(args.show, name, "test")
             print(f"== {name}: train/dev/test = {'/'.join(map(str, sizes))}\n"
                   f"{format_prompt(task.definition, task.instances[0]['input'])}{task.instances[0]['output'][0]}\n")
-    if not (args.export or args.show):
+    if not (args.export or args.show or args.download):
         p.print_help()
 
 

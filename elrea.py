@@ -345,13 +345,14 @@ def prepare_ensemble(model, run_dir: Path, examples, pad_id: int):
 
 
 def mixer(weights):
-    """generate()'s mix for rows laid out member-major (row a B + b is query b under member a): every
-    row gets its query's sum_a w[b, a] logits[a B + b], so all C + 1 rows of a query choose one token."""
+    """generate()'s mix for rows laid out member-major (row a B + b is query b under member a): the B queries'
+    next-token logits sum_a w[b, a] logits[a B + b], and each row's query, so that all C + 1 rows of a query
+    take the one token chosen from its mixture."""
     M = weights.shape[1]
 
-    def mix(logits):  # (M B, vocab)
+    def mix(logits):  # (M B, vocab) -> (B, vocab), (M B,)
         per_member = logits.float().view(M, -1, logits.shape[-1])  # (M, B, vocab)
         mixed = (weights.T.to(logits.device)[..., None] * per_member).sum(0)  # (B, vocab)
-        return mixed.repeat(M, 1)
+        return mixed, torch.arange(mixed.shape[0], device=logits.device).repeat(M)
 
     return mix

@@ -3,6 +3,8 @@ the continual-learning metrics, and the paper's analyses.
 
     python eval.py evaluate RUN_DIR            # base model + the run's adapter on the run's test sets
     python eval.py evaluate --base-only --model PATH --data ROOT
+    python eval.py generate RUN_DIR --prompt TEXT [--task NAME]  # the adapter on prompts of your own
+    python eval.py export RUN_DIR --peft DIR | --merged DIR      # for PEFT, transformers and serving tools
     python eval.py compare RUN_DIR ... [--single SINGLE_RUN ...]  # per-task ROUGE-L side by side, colla
     python eval.py continual RUN_DIR [--single SINGLE_RUN]        # AP / Fgt / Fwt / Bwt from the score matrix
     python eval.py angles RUN_DIR              # regroup angles over training, from log.jsonl
@@ -20,6 +22,7 @@ import csv
 import io
 import json
 import string
+import sys
 import time
 from pathlib import Path
 
@@ -28,11 +31,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import elrea
-from badit import REGROUP_STATS, adapters_of, load_adapters
+from badit import REGROUP_STATS, adapters_of, export_peft, load_adapters, merge_adapters
 from checks import InputError, MissingFile, command, names, number, positive_int
-from data import CLASSROOM, answer_loss, collate, encode_examples, list_tasks, load_tasks
+from data import (CLASSROOM, SUPERNI, Example, answer_loss, collate, encode_examples, format_prompt, list_tasks,
+                  load_tasks, read_task)
 from files import atomic_write, kind_of, new_folder, read_jsonl, write_json
-from model import DEMO_MODEL, generate, load_model, load_tokenizer, read_json
+from model import DEMO_MODEL, generate, load_model, load_tokenizer, read_json, read_model_args, save_model
 
 ROOT = Path(__file__).resolve().parent
 
@@ -109,8 +113,10 @@ def continual_metrics(a, single=None) -> dict:
 
 @torch.no_grad()
 def predict(model, tok, examples, batch_size=64, max_new_tokens=50, use_task_ids=False, weights=None,
-            desc="generating") -> list[dict]:
-    """Batched greedy generation (longest prompts first, left-padded) -> [{task, id, prompt, references, prediction}].
+            desc="generating", sampling=None) -> list[dict]:
+    """Batched greedy generation (longest prompts first; collate pads on the right, generate right-aligns the
+    prompts for the cache) -> [{task, id, prompt, references, prediction}]. sampling: generate()'s temperature,
+    top_p and generator, for a sampled rather than greedy completion.
 
     weights (n, M): ELREA's ensemble (the model holds a badit.Ensemble of M LoRAs). Each batch then runs
     as M x B rows, member-major, row a B + b under member a, and every step picks the token of the
@@ -131,7 +137,7 @@ def predict(model, tok, examples, batch_size=64, max_new_tokens=50, use_task_ids
             task_ids = torch.arange(members, device=device).repeat_interleave(len(chunk))  # each row's member
             mix = elrea.mixer(weights[rows])
         generated = generate(model, ids, mask, max_new_tokens, tok.stop_token_ids, tok.pad_token_id, task_ids=task_ids,
-                             mix=mix)[:len(chunk), batch["ids"].shape[1]:]
+                             mix=mix, **(sampling or {}))[:len(chunk), batch["ids"].shape[1]:]
         for i, e, row in zip(rows, chunk, generated.tolist()):
             stops = [k for k, t in enumerate(row) if t in tok.stop_token_ids]
             row = row[:stops[0]] if stops else row  # what follows the first EOS is padding
@@ -184,13 +190,13 @@ def read_config(run_dir) -> dict:
 
 
 def load_run(run_dir=None, model_path=None, device=None, dtype=None, adapter=True):
-    """(model, tokenizer, adapter config or None): the base model plus the run's final adapter, in the
-    precision the run was trained in unless dtype says otherwise."""
+    """(model, tokenizer, adapter config or None): the base model plus the run's final adapter, in eval mode and
+    in the precision the run was trained in unless dtype says otherwise."""
     cfg = read_config(run_dir) if run_dir else {}
     path = model_path or cfg.get("model") or DEMO_MODEL
     model = load_model(path, device=device, dtype=dtype or cfg.get("dtype"))
     config = load_adapters(model, run_dir) if run_dir and adapter else None
-    return model, load_tokenizer(path), config
+    return model.eval(), load_tokenizer(path), config  # the adapters came in training mode: no dropout at inference
 
 
 def test_examples(tok, data, tasks, split="test", limit=None, max_len=1024, max_answer_len=50, all_tasks=None):
@@ -330,6 +336,98 @@ def task_numbering(run_dir, cfg: dict) -> list[str]:
     if cfg.get("setting") == "single" and len(cfg.get("tasks", [])) == 1 and parent.is_file():
         return read_json(parent).get("tasks", cfg["tasks"])
     return cfg.get("tasks")
+
+
+def read_prompts(args) -> list[str]:
+    """--prompt TEXT, or a JSONL --file (one object per line: its "prompt", or its "input" for --task's
+    definition), or standard input, one per line."""
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.file:
+        file = Path(args.file)
+        if not file.is_file():
+            raise MissingFile(f"--file {file} does not exist: give a JSONL file, one {{\"prompt\": ...}} per line.")
+        prompts = []
+        for i, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{file}: line {i} is not JSON ({e.msg}); one object per line.") from None
+            text = record.get("prompt", record.get("input")) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise InputError(f"{file}: line {i} needs a string field \"prompt\" (or \"input\", with --task).")
+            prompts.append(text)
+        return prompts
+    return [line for line in sys.stdin.read().splitlines() if line.strip()]
+
+
+def cmd_generate(args):
+    """Completions of the run's model and adapter for prompts of your own (greedy unless --temperature)."""
+    cfg = read_config(args.run_dir)
+    tasks = task_numbering(args.run_dir, cfg)
+    if args.task is not None and args.task not in cfg["tasks"]:
+        raise InputError(f"--task {args.task!r} is not one of this run's tasks: {', '.join(cfg['tasks'])}.")
+    if cfg["method"] == "cgc" and args.task is None:
+        raise InputError(f"cgc's gate depends on the task: give --task, one of {', '.join(cfg['tasks'])}.")
+    tok = load_tokenizer(cfg["model"])
+    texts = read_prompts(args)
+    if not texts:
+        raise InputError("no prompt: give --prompt TEXT, --file F.jsonl, or prompts on standard input, one per line.")
+    definition = read_task(cfg["data"], args.task, "train").definition if args.task else None
+    prompts = [format_prompt(definition, t) if definition is not None else t for t in texts]
+    task_id = tasks.index(args.task) if args.task else 0
+    examples = [Example(args.task or "", task_id, str(i), tok.encode(p), []) for i, p in enumerate(prompts)]
+    longest, limit = max(len(e.prompt_ids) for e in examples), read_model_args(cfg["model"]).max_positions
+    if limit and longest + args.max_new_tokens > limit:
+        raise InputError(f"a prompt of {longest} tokens and {args.max_new_tokens} new ones exceed the model's "
+                         f"max_position_embeddings ({limit}); shorten it or lower --max-new-tokens.")
+    ensemble = cfg["method"] == "elrea"
+    model, tok, _ = load_run(args.run_dir, None, args.device, args.dtype, adapter=not ensemble)
+    weights = elrea.prepare_ensemble(model, args.run_dir, examples, tok.pad_token_id) if ensemble else None
+    generator = torch.Generator(model.lm_head.weight.device).manual_seed(args.seed)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, generator=generator)
+    for out in predict(model, tok, examples, args.batch_size, args.max_new_tokens, cfg["method"] == "cgc", weights,
+                       sampling=sampling):
+        if args.verbose:
+            print(f"--- prompt {int(out['id']) + 1}:\n{prompts[int(out['id'])]}")
+            if "weights" in out:
+                print("elrea weights: " + ", ".join(f"{k} {v:.3f}" for k, v in out["weights"].items()))
+            print("--- completion:")
+        print(out["prediction"])
+
+
+def cmd_export(args):
+    """--peft DIR: the adapter in PEFT's format (lora, pissa); --merged DIR: a Hugging Face checkpoint with the
+    adapter folded into the weights (lora, pissa, and cgc for one --task)."""
+    cfg = read_config(args.run_dir)
+    method = cfg["method"]
+    if method in ("loramoe", "badit-noregroup", "badit", "elrea"):
+        how = "its router weighs the experts by each prompt" if method != "elrea" else "it weighs its LoRAs per query"
+        raise InputError(f"a {method} adapter cannot be exported as one static weight: {how}. Use it through "
+                         f"`python eval.py generate {args.run_dir} --prompt TEXT`, or in Python with "
+                         f"eval.load_run('{args.run_dir}') and model.generate.")
+    if args.peft and method not in ("lora", "pissa"):
+        raise InputError(f"--peft covers lora and pissa; a {method} adapter has no PEFT equivalent (cgc: --merged "
+                         f"with --task).")
+    if args.task is not None and method != "cgc":
+        raise InputError(f"--task is for cgc's per-task gate; a {method} adapter has none.")
+    if method == "cgc" and args.merged and args.task not in cfg["tasks"]:
+        raise InputError(f"merging a cgc adapter takes one task's gate: give --task, one of {', '.join(cfg['tasks'])}.")
+    if not (args.peft or args.merged):
+        raise InputError("give --peft DIR or --merged DIR.")
+    folders = {flag: new_folder(d, kind, "eval.py export", flag) for flag, d, kind in
+               (("--peft", args.peft, "peft export"), ("--merged", args.merged, "merged model")) if d}
+    model, _, _ = load_run(args.run_dir, None, args.device, args.dtype or "float32")
+    if "--peft" in folders:
+        export_peft(model, folders["--peft"], str(cfg["model"]))
+        print(f"wrote {folders['--peft']}: a PEFT LoRA for {cfg['model']} (peft.PeftModel.from_pretrained)")
+    if "--merged" in folders:
+        merge_adapters(model, task_numbering(args.run_dir, cfg).index(args.task) if method == "cgc" else None)
+        save_model(model, folders["--merged"], cfg["model"])
+        print(f"wrote {folders['--merged']}: a Hugging Face checkpoint with the adapter merged "
+              f"(transformers.AutoModelForCausalLM.from_pretrained)")
 
 
 def run_metrics(run_dir) -> dict:
@@ -518,7 +616,7 @@ def main(argv=None):
     e.add_argument("run_dir", nargs="?", help="a run directory written by train.py (its config gives model and data)")
     e.add_argument("--base-only", action="store_true", help="evaluate the base model without any adapter")
     e.add_argument("--model", help="checkpoint folder or hub id (default: the run's, or the demo model)")
-    e.add_argument("--data", help=f"SuperNI root or '{CLASSROOM}' (default: the run's)")
+    e.add_argument("--data", help=f"a SuperNI-layout folder, '{SUPERNI}' or '{CLASSROOM}' (default: the run's)")
     e.add_argument("--tasks", type=names, help="comma-separated task names (default: the run's, or all)")
     e.add_argument("--split", default="test", choices=["train", "dev", "test"])
     e.add_argument("--limit", type=positive_int, help="first N instances per task")
@@ -540,6 +638,28 @@ def main(argv=None):
     ct.add_argument("run_dir")
     ct.add_argument("--single", help="a --setting single run of the same method and tasks, for Fwt")
 
+    g = sub.add_parser("generate", help="completions of the run's model and adapter for prompts of your own")
+    g.add_argument("run_dir", help="a run directory (or a single-task run's <task> folder)")
+    g.add_argument("--prompt", help="the prompt (with --task: the input of that task's SPEC prompt); default: "
+                   "--file, or standard input, one prompt per line")
+    g.add_argument("--file", help="a JSONL file, one {\"prompt\": ...} (or {\"input\": ...} with --task) per line")
+    g.add_argument("--task", help="one of the run's tasks: prompts become its SPEC prompt's input (cgc needs it: its "
+                   "gate depends on the task)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=50)
+    g.add_argument("--temperature", type=number(float, 0), default=0.0, help="0: greedy (default); above 0: sampled")
+    g.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0, help="nucleus sampling: draw "
+                   "from the most likely tokens that reach this probability (default: 1, all)")
+    g.add_argument("--seed", type=number(int, 0), default=0, help="the sampling's seed (default: 0)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="prompts per generation batch")
+    g.add_argument("--verbose", action="store_true", help="print each prompt too, and elrea's per-query weights")
+
+    x = sub.add_parser("export", help="the adapter for other tools: PEFT format, or merged into a checkpoint")
+    x.add_argument("run_dir")
+    x.add_argument("--peft", metavar="DIR", help="a PEFT LoRA folder (lora, pissa)")
+    x.add_argument("--merged", metavar="DIR", help="a Hugging Face checkpoint folder with the adapter folded into the "
+                   "weights (lora, pissa; cgc with --task), for transformers and the tools that serve models")
+    x.add_argument("--task", help="cgc: the task whose gate is merged")
+
     a = sub.add_parser("angles", help="regroup angles over training (from log.jsonl)")
     a.add_argument("run_dir")
     for name, text in (("conflict", "task-gradient cosine matrix"), ("coactivation", "co-activation histogram")):
@@ -547,13 +667,14 @@ def main(argv=None):
         s.add_argument("run_dir")
         s.add_argument("--batches", type=positive_int, default=4, help="training batches per task")
         s.add_argument("--batch-size", type=positive_int, default=4)
-    for s in (e, sub.choices["conflict"], sub.choices["coactivation"]):
+    for s in (e, g, x, sub.choices["conflict"], sub.choices["coactivation"]):
         s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         s.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the run's (bfloat16 where the "
                        "device has native bf16, else float32)")
     args = p.parse_args(argv)
-    {"evaluate": cmd_evaluate, "compare": cmd_compare, "continual": cmd_continual, "angles": cmd_angles,
-     "conflict": cmd_conflict, "coactivation": cmd_coactivation}[args.command](args)
+    {"evaluate": cmd_evaluate, "generate": cmd_generate, "export": cmd_export, "compare": cmd_compare,
+     "continual": cmd_continual, "angles": cmd_angles, "conflict": cmd_conflict,
+     "coactivation": cmd_coactivation}[args.command](args)
 
 
 if __name__ == "__main__":

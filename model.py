@@ -23,16 +23,19 @@ import json
 import math
 import platform
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from checks import InputError, MissingFile, command, positive_int
 from data import format_prompt
+from files import atomic_write, write_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 DEMO_MODEL = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"  # scripts/prepare_smollm2.py
@@ -420,15 +423,30 @@ class Transformer(nn.Module):
 
 
 @torch.no_grad()
+def next_token(logits, temperature=0.0, top_p=1.0, generator=None):
+    """(B, vocab) -> (B,): the most likely token (temperature 0), or one drawn from softmax(logits / temperature)
+    restricted to the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the tokens after the nucleus is full
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
 def generate(model, input_ids, attention_mask=None, max_new_tokens=50, eos_token_id=None, pad_token_id=None, task_ids=None,
-             mix=None):
-    """Greedy decoding of a padded batch with a KV cache -> ids (B, L + new): the input, then the new tokens.
+             mix=None, temperature=0.0, top_p=1.0, generator=None):
+    """Decoding of a padded batch with a KV cache -> ids (B, L + new): the input, then the new tokens; greedy
+    by default, sampled with temperature > 0 (and top_p, from `generator` for a seeded draw).
 
     Each row stops at its first EOS (eos_token_id: an id or a list of ids); rows that stopped are
     filled with pad_token_id (default: the first EOS id) until every row has stopped or
     max_new_tokens were produced. Adapters route on the prompt at prefill and keep that gate.
-    mix: maps each step's next-token logits (B, vocab), rows in the input's order, to the logits the
-    tokens are chosen from (ELREA's ensemble gives every row its query's weighted sum over the members).
+    mix: maps each step's next-token logits (B, vocab), rows in the input's order, to the logits of the
+    distinct queries the tokens are chosen from and each row's query (ELREA's ensemble: every row takes its
+    query's token, chosen from the weighted sum over the members).
     """
     B, L = input_ids.shape
     if attention_mask is None:
@@ -444,7 +462,11 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=50, eos_token
     cache.length = L
     out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
-        token = (logits if mix is None else mix(logits[back])[order]).argmax(-1)
+        if mix is None:
+            token = next_token(logits, temperature, top_p, generator)
+        else:
+            mixed, query = mix(logits[back])
+            token = next_token(mixed, temperature, top_p, generator)[query][order]
         token = torch.where(done, torch.full_like(token, pad), token)
         out.append(token[:, None])
         done |= torch.isin(token, eos)
@@ -620,6 +642,29 @@ def check_checkpoint(path) -> ModelArgs:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise InputError(f"{path}: the checkpoint lacks tensors {', '.join(missing[:5])}{more}.")
     return args
+
+
+def hf_name(name: str) -> str:
+    """A checkpoint's name of our parameter or module `name`: ours drop Hugging Face's leading "model."."""
+    return name if name.startswith("lm_head") else "model." + name
+
+
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "chat_template.jinja")
+
+
+def save_model(model, out_dir, source):
+    """Write the model as a Hugging Face checkpoint folder: model.safetensors under the checkpoint's names (a
+    tied lm_head once, as the embeddings), and config, generation config and tokenizer files copied from
+    `source`, the checkpoint it was loaded from (its torch_dtype set to the weights' dtype)."""
+    source, out = checkpoint_dir(source), Path(out_dir)
+    tensors = {hf_name(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()}  # tied: embed_tokens only
+    atomic_write(out / "model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    for name in CHECKPOINT_FILES[1:]:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    write_json(out / "config.json", {**read_json(source / "config.json"), "torch_dtype": dtype})
 
 
 def resolve_device(name=None) -> torch.device:

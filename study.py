@@ -32,14 +32,13 @@ from tqdm import tqdm
 
 from badit import ADAPTERS
 from checks import InputError, command, names, positive_int
-from data import CLASSROOM
+from data import CLASSROOM, SUPERNI
 from eval import continual_metrics, maybe_plot
 from files import atomic_write, check_writable_path, contents, empty_folder, kind_of, lock_folder, mark, read_jsonl
 from model import read_json
 from train import parse_args, progressed
 
 ROOT = Path(__file__).resolve().parent
-SUPERNI = ROOT.parent / "shared" / "data" / "superni"
 
 
 @dataclass
@@ -78,7 +77,7 @@ SEEDS = [0, 1, 2]
 ALL = list(ADAPTERS)  # every method train.py trains: the six adapters and elrea
 
 
-SUPERNI_RECIPE = ["--data", str(SUPERNI), "--limit", "32", "--max-len", "512", "--epochs", "3", "--lr", "2e-4",
+SUPERNI_RECIPE = ["--data", SUPERNI, "--limit", "32", "--max-len", "512", "--epochs", "3", "--lr", "2e-4",
                   "--eval-limit", "20", "--eval", "after"]
 # The two studies below ran before K = 8 and DOG (SPEC sections 2, 5): they pin K = 6, which was the default then.
 BEFORE_DOG = ("K = 6 (the default when these cells ran). The badit cells were made by the regroup before DOG, that of "

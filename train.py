@@ -43,7 +43,7 @@ import elrea
 from badit import (METHODS, REGROUP_STATS, accumulate_regroup_signal, add_adapters, check_adapters, load_adapters, regroup,
                    reset_regroup_signal, routed_adapters, save_adapters)
 from checks import METHOD_FLAGS, InputError, check_method_flags, command, names, number, positive_int
-from data import (CLASSROOM, answer_loss, batch_order, collate, encode_examples, fingerprint, list_tasks, load_tasks,
+from data import (CLASSROOM, SUPERNI, answer_loss, batch_order, collate, encode_examples, fingerprint, list_tasks, load_tasks,
                   task_order)
 from eval import continual_metrics, evaluate, markdown_table
 from files import (MARKER, atomic_write, check_writable_path, contents, empty_folder, inside, kind_of, lock_folder, mark,
@@ -67,7 +67,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=str(DEMO_MODEL), help="Hugging Face checkpoint folder, or a hub id such as "
                    "Qwen/Qwen3-0.6B (default: the demo model, prepared automatically)")
-    g.add_argument("--data", default=CLASSROOM, help=f"SuperNI root (<root>/<task>/train.json ...) or '{CLASSROOM}' for "
+    g.add_argument("--data", default=CLASSROOM, help=f"'{SUPERNI}' for the benchmark's 15 tasks (`python data.py --download "
+                   f"superni` fetches them), a SuperNI-layout folder (<root>/<task>/train.json ...), or '{CLASSROOM}' for "
                    "the embedded suite (default)")
     g.add_argument("--tasks", type=names, help="comma-separated task names (default: every task of --data)")
     g.add_argument("--limit", type=positive_int, help="first N training instances per task (default: all)")

@@ -22,8 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
-from bench_train import matmul_peak  # noqa: E402
-from conftest import SUPERNI, left_pad, superni_prompts  # noqa: E402
+from bench_train import DEFAULT_DATA, matmul_peak  # noqa: E402
+from conftest import left_pad, superni_prompts  # noqa: E402
 from data import collate, encode_examples, list_tasks, load_tasks  # noqa: E402
 from model import generate, load_model, load_tokenizer, read_model_args  # noqa: E402
 
@@ -50,9 +50,9 @@ def generation_flops(cfg, lengths, new_tokens) -> float:
     return flops
 
 
-def prefill_padding(tok, batch_size=64, eval_limit=20, max_len=512) -> float:
+def prefill_padding(tok, data, batch_size=64, eval_limit=20, max_len=512) -> float:
     """Share of the prefill positions that are padding when eval.py runs SuperNI's test sets."""
-    tasks = load_tasks(SUPERNI, list_tasks(SUPERNI), "test", eval_limit)
+    tasks = load_tasks(data, list_tasks(data), "test", eval_limit)
     examples = sorted(encode_examples(tok, tasks, [t.name for t in tasks], max_len, train=False), key=lambda e: -len(e.prompt_ids))
     real = padded = 0
     for s in range(0, len(examples), batch_size):
@@ -69,19 +69,20 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="generation runs per side; the best is reported")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", default=DEFAULT_DATA, help="a SuperNI root (default: --data superni's cache, else ../shared/data/superni)")
     args = p.parse_args()
     device = torch.device(args.device)
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer(args.model)
-    ids, mask = left_pad([tok.encode(t) for t in superni_prompts(args.batch)], tok.pad_token_id)
+    ids, mask = left_pad([tok.encode(t) for t in superni_prompts(args.data)[:args.batch]], tok.pad_token_id)
     lengths = mask.sum(1).tolist()
     ids, mask = ids.to(device), mask.to(device)
     cfg = read_model_args(args.model)
     print(f"batch {tuple(ids.shape)} ({int(mask.sum())} prompt tokens), {args.new_tokens} new tokens, "
           f"{args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"prefill padding of SuperNI's test sets in eval.py's batches of 64 (20 per task, max 512 tokens): "
-          f"{100 * prefill_padding(tok):.1f} %")
+          f"{100 * prefill_padding(tok, args.data):.1f} %")
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
         ours, ours_load = timed(lambda: load_model(args.model, device=device, dtype=dtype))

@@ -36,10 +36,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data import answer_loss, batch_order, collate, encode_examples, load_tasks  # noqa: E402
+from data import SUPERNI, answer_loss, batch_order, collate, encode_examples, load_tasks, superni_cache  # noqa: E402
 from model import load_model, load_tokenizer, read_model_args  # noqa: E402
 
-SUPERNI = ROOT.parent / "shared" / "data" / "superni"
+# the benchmark: the cache (python data.py --download superni), else our machines' shared copy
+DEFAULT_DATA = SUPERNI if superni_cache().is_dir() else str(ROOT.parent / "shared" / "data" / "superni")
 
 
 def rss_bytes() -> int:
@@ -172,7 +173,7 @@ def run_side(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"))
-    p.add_argument("--data", default=str(SUPERNI))
+    p.add_argument("--data", default=DEFAULT_DATA, help="a SuperNI root (default: --data superni's cache, else ../shared/data/superni)")
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (after --warmup steps)")

@@ -14,8 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
-SUPERNI = SHARED / "data" / "superni"
+FIXTURE = ROOT / "tests" / "fixtures" / "superni"  # three real tasks, a few instances each (its README)
 DEMO_DIR = Path(os.environ.get("BADIT_DEMO_MODEL", ROOT / "checkpoints" / "SmolLM2-135M-Instruct"))
 
 VOCAB = 96
@@ -103,16 +102,29 @@ def demo_model_dir():
     return DEMO_DIR
 
 
-def superni_prompts(n, split="test"):
-    """The first instance of each of the first n SuperNI tasks, as SPEC prompts."""
-    from data import format_prompt, read_task
+def superni_prompts(root=FIXTURE, split="test", per_task=1):
+    """SPEC prompts of the first per_task instances of every task of a SuperNI root (default: the fixture)."""
+    from data import format_prompt, list_tasks, read_task
 
-    tasks = sorted(p.name for p in SUPERNI.iterdir() if p.is_dir())[:n]
-    prompts = []
-    for task in tasks:
-        t = read_task(SUPERNI, task, split)
-        prompts.append(format_prompt(t.definition, t.instances[0]["input"]))
-    return prompts
+    return [format_prompt(t.definition, inst["input"]) for t in (read_task(root, name, split) for name in list_tasks(root))
+            for inst in t.instances[:per_task]]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--superni", metavar="DIR", help="the benchmark's 15 tasks, for the tests marked superni "
+                     "(default: $BADIT_SUPERNI; `python data.py --download superni` puts them in ~/.cache/badit/superni)")
+
+
+@pytest.fixture(scope="session")
+def superni_dir(request):
+    """The full benchmark, from --superni or BADIT_SUPERNI; the tests that need it are skipped without it."""
+    folder = request.config.getoption("--superni") or os.environ.get("BADIT_SUPERNI")
+    if not folder:
+        pytest.skip("needs the 15 SuperNI tasks: `python data.py --download superni`, then pytest --superni "
+                    "~/.cache/badit/superni (or BADIT_SUPERNI=DIR)")
+    if not Path(folder).is_dir():
+        pytest.fail(f"--superni {folder} is not a folder")
+    return Path(folder)
 
 
 def left_pad(seqs, pad_id):

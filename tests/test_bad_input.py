@@ -657,3 +657,10 @@ def test_a_study_retries_a_cell_that_never_stepped_with_its_current_flags(tmp_pa
     assert study.commands(cell, plan, tmp_path, ["python"])[0][-2:] == ["--lr", "3e-3"]
     (run / "log.jsonl").write_text(json.dumps({"phase": 0, "epoch": 1, "step": 1, "loss": 1.0}) + "\n")
     assert study.commands(cell, plan, tmp_path, ["python"])[0][1:] == ["train.py", "--out", run, "--resume"]
+
+
+def test_data_superni_without_the_download_says_how_to_get_it(tiny_trainable, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BADIT_CACHE", str(tmp_path / "cache"))
+    err = refused(capsys, train.main, ["--model", str(tiny_trainable), "--out", str(tmp_path / "run"), "--data", "superni"])
+    assert "--data superni is the benchmark in" in err and "python data.py --download superni" in err
+    assert not (tmp_path / "run").exists()

@@ -1,11 +1,12 @@
-"""data.py on real SuperNI instances: the prompt, label masks, truncation, output choice, batching,
-the classroom suite, and the errors bad data gives."""
+"""data.py on real SuperNI instances (the fixture tests/fixtures/superni: three tasks, a few instances each):
+the prompt, label masks, truncation, output choice, batching, the classroom suite, the errors bad data
+gives, and the benchmark's download against a local server."""
 
 import json
 
 import pytest
 
-from conftest import SUPERNI
+from conftest import FIXTURE
 from data import (CLASSROOM, CLASSROOM_TASKS, PROMPT, batch_order, classroom_task, collate, encode_examples,
                   export_classroom, format_prompt, list_tasks, load_tasks, read_task)
 from model import load_tokenizer
@@ -18,8 +19,8 @@ def tok(demo_model_dir):
 
 def test_prompt_is_spec_exact(tok):
     assert PROMPT == "{definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
-    task = read_task(SUPERNI, "task363_sst2_polarity_classification", "train")
-    with open(SUPERNI / "task363_sst2_polarity_classification" / "train.json") as f:
+    task = read_task(FIXTURE, "task591_sciq_answer_generation", "train")
+    with open(FIXTURE / "task591_sciq_answer_generation" / "train.json") as f:
         raw = json.load(f)
     assert task.definition == " ".join(raw["Definition"])
     ex = encode_examples(tok, [task], [task.name], max_len=1024, seed=0)[0]
@@ -31,8 +32,7 @@ def test_prompt_is_spec_exact(tok):
 
 
 def test_long_inputs_are_shortened_at_the_end_only(tok):
-    task = read_task(SUPERNI, "task511_reddit_tifu_long_text_summarization", "train")
-    task.instances = task.instances[:20]
+    task = read_task(FIXTURE, "task002_quoref_answer_generation", "train")  # paragraphs of 400-700 tokens
     examples = encode_examples(tok, [task], [task.name], max_len=200, max_answer_len=10, seed=0)
     cut = 0
     for ex, inst in zip(examples, task.instances):
@@ -46,19 +46,19 @@ def test_long_inputs_are_shortened_at_the_end_only(tok):
         full = tok.encode(inst["output"][0], add_special_tokens=False)
         assert ex.answer_ids == full[:10] + [tok.eos_token_id]  # the answer is cut to max_answer_len, never by max_len
         assert len(ex) >= 200 - 3 or kept == inst["input"]  # shortened inputs fill the budget
-    assert cut >= 15
+    assert cut == len(task.instances) == 6
 
 
 def test_definition_too_long_for_max_len(tok):
-    task = read_task(SUPERNI, "task181_outcome_extraction", "train")
-    with pytest.raises(ValueError, match=r"task181_outcome_extraction/train.json: the 'Definition'.*raise --max-len"):
+    task = read_task(FIXTURE, "task748_glucose_reverse_cause_event_detection", "train")  # a definition of ~90 tokens
+    with pytest.raises(ValueError, match=r"task748_glucose_reverse_cause_event_detection/train.json: the 'Definition'.*raise --max-len"):
         encode_examples(tok, [task], [task.name], max_len=120)
 
 
 def test_seeded_output_choice_and_references(tok):
-    task = read_task(SUPERNI, "task748_glucose_reverse_cause_event_detection", "train")
-    task.instances = [i for i in task.instances if len(i["output"]) > 1][:40]
-    assert len(task.instances) == 40
+    task = read_task(FIXTURE, "task748_glucose_reverse_cause_event_detection", "train")
+    task.instances = [i for i in task.instances if len(i["output"]) > 1]
+    assert len(task.instances) == 16
     pick = lambda seed: [tok.decode(e.answer_ids[:-1]) for e in encode_examples(tok, [task], [task.name], seed=seed)]  # noqa: E731
     a, b, c = pick(0), pick(0), pick(1)
     assert a == b and a != c
@@ -68,8 +68,8 @@ def test_seeded_output_choice_and_references(tok):
 
 
 def test_collate_masks_and_task_ids(tok):
-    tasks = load_tasks(SUPERNI, ["task591_sciq_answer_generation", "task875_emotion_classification"], "train", limit=3)
-    names = ["task875_emotion_classification", "task591_sciq_answer_generation"]
+    tasks = load_tasks(FIXTURE, ["task591_sciq_answer_generation", "task748_glucose_reverse_cause_event_detection"], "train", limit=3)
+    names = ["task748_glucose_reverse_cause_event_detection", "task591_sciq_answer_generation"]
     examples = encode_examples(tok, tasks, names, max_len=256)
     x = collate(examples, tok.pad_token_id)
     L = max(len(e) for e in examples)
@@ -82,12 +82,12 @@ def test_collate_masks_and_task_ids(tok):
 
 
 def test_batch_order_is_a_seeded_partition_and_groups_lengths(tok):
-    tasks = load_tasks(SUPERNI, ["task1290_xsum_summarization", "task363_sst2_polarity_classification"], "train", limit=64)
+    tasks = load_tasks(FIXTURE, list_tasks(FIXTURE), "train")  # 34 examples of 3 tasks, 20 to 700 tokens
     examples = encode_examples(tok, tasks, [t.name for t in tasks], max_len=512)
-    grouped = batch_order(examples, 8, seed=0, epoch=0, group_by_length=True)
+    grouped = batch_order(examples, 4, seed=0, epoch=0, group_by_length=True)
     assert sorted(i for b in grouped for i in b) == list(range(len(examples)))
-    assert grouped == batch_order(examples, 8, seed=0, epoch=0, group_by_length=True) != batch_order(examples, 8, seed=0, epoch=1, group_by_length=True)
-    plain = batch_order(examples, 8, seed=0, epoch=0)  # SPEC section 8: plain seeded shuffling by default
+    assert grouped == batch_order(examples, 4, seed=0, epoch=0, group_by_length=True) != batch_order(examples, 4, seed=0, epoch=1, group_by_length=True)
+    plain = batch_order(examples, 4, seed=0, epoch=0)  # SPEC section 8: plain seeded shuffling by default
     assert sorted(i for b in plain for i in b) == list(range(len(examples)))
     tasks_per_batch = lambda batches: sum(len({examples[i].task for i in b}) for b in batches) / len(batches)  # noqa: E731
     assert tasks_per_batch(plain) > tasks_per_batch(grouped)  # plain batches mix the tasks
@@ -202,3 +202,118 @@ def test_task_orders_of_the_continual_setting():
     legacy = list(suite)
     random.Random(7).shuffle(legacy)
     assert task_order(suite, 0, seed=7) == legacy  # runs made before orders: shuffled by --seed
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark's download
+
+
+class Server:
+    """The fixture tree over HTTP on 127.0.0.1 (Python's http.server in a thread), counting requests;
+    broken: names served with wrong bytes; dies: names whose response stops half way (the server goes away)."""
+
+    def __init__(self, root, broken=(), dies=()):
+        import functools
+        import http.server
+        import threading
+
+        self.requests, outer = [], self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.lstrip("/")
+                outer.requests.append(name)
+                if name in broken or name in dies:
+                    body = (root / name).read_bytes()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[:len(body) // 2] + (b"x" * (len(body) - len(body) // 2) if name in broken else b""))
+                    return
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def fixture_manifest():
+    from data import sha256
+
+    return {f"{p.parent.name}/{p.name}": sha256(p) for p in sorted(FIXTURE.glob("*/*.json"))}
+
+
+def test_the_download_checks_every_file_and_fetches_only_what_is_missing(tmp_path):
+    from data import download_superni
+
+    files, server = fixture_manifest(), Server(FIXTURE)
+    try:
+        dest = download_superni(tmp_path / "cache", server.url, files)
+        assert sorted(server.requests) == sorted(files) and len(files) == 9
+        assert all((dest / name).read_bytes() == (FIXTURE / name).read_bytes() for name in files)
+        (dest / "task591_sciq_answer_generation" / "dev.json").unlink()  # a download stopped before its end
+        server.requests.clear()
+        download_superni(dest, server.url, files)
+        assert server.requests == ["task591_sciq_answer_generation/dev.json"]  # the verified files are not fetched again
+        assert list_tasks(dest) == list_tasks(FIXTURE)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("fault, message", [("broken", "does not match its sha256"), ("dies", "could not download")])
+def test_a_corrupted_or_cut_download_leaves_no_file_behind(tmp_path, fault, message):
+    from data import download_superni
+
+    name = "task002_quoref_answer_generation/train.json"
+    files, server = fixture_manifest(), Server(FIXTURE, **{fault: [name]})
+    try:
+        with pytest.raises(ValueError, match=message) as refusal:
+            download_superni(tmp_path / "cache", server.url, files)
+        assert f"{server.url}/{name}" in str(refusal.value) and "To place the files by hand" in str(refusal.value)
+        assert str(tmp_path / "cache") in str(refusal.value)
+        assert not (tmp_path / "cache" / name).exists()
+        assert not list((tmp_path / "cache").rglob("*.part"))  # no half file
+    finally:
+        server.close()
+
+
+def test_offline_and_a_file_of_yours_are_refused_clearly(tmp_path):
+    from data import download_superni
+
+    files = fixture_manifest()
+    with pytest.raises(ValueError, match=r"could not download http://127.0.0.1:9/task002.*offline, or the server refused it"):
+        download_superni(tmp_path / "cache", "http://127.0.0.1:9", files)  # nothing listens on port 9
+    mine = tmp_path / "mine" / "task002_quoref_answer_generation"
+    mine.mkdir(parents=True)
+    (mine / "dev.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not the benchmark's file .* nothing was replaced"):
+        download_superni(tmp_path / "mine", "http://127.0.0.1:9", files)
+    assert (mine / "dev.json").read_text() == "{}"
+
+
+def test_data_superni_is_the_cache_and_offers_the_download(tmp_path, monkeypatch):
+    import data
+
+    monkeypatch.setenv("BADIT_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"--data superni is the benchmark in .*lacks 45 of its 45 files.*"
+                                                r"python data.py --download superni"):
+        list_tasks("superni")
+    assert len(data.manifest()) == 45 and len({n.split("/")[0] for n in data.manifest()}) == 15
+
+
+@pytest.mark.superni
+def test_the_benchmark_matches_its_manifest_and_reads(superni_dir, tok):
+    from data import PUBLISHED_ORDERS, manifest, sha256
+
+    files = manifest()
+    assert {name: sha256(superni_dir / name) for name in files} == files
+    assert sorted(t.split("_")[0] for t in list_tasks(superni_dir)) == sorted(PUBLISHED_ORDERS[1])
+    for task in load_tasks(superni_dir, split="test", limit=5):
+        examples = encode_examples(tok, [task], [task.name], max_len=1024, train=False)
+        assert len(examples) == 5 and all(len(e.prompt_ids) <= 1024 - 50 for e in examples)

@@ -22,7 +22,7 @@ def test_tokenizer(demo_model_dir):
     assert tok.bos_token_id == 1 and tok.stop_token_ids == [2]
     digits = tok.encode("2026")  # SmolLM's pre-tokenizer splits numbers into single digits
     assert [tok.decode([i]) for i in digits] == ["2", "0", "2", "6"]
-    text = superni_prompts(3)[1]
+    text = superni_prompts()[1]
     assert tok.decode(tok.encode(text)) == text
 
 
@@ -44,14 +44,14 @@ def test_tokenizer_matches_gguf_tokenizer(demo_model_dir):
         pytest.skip("GGUF not downloaded")
     ref = AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF_FILE)
     tok = load_tokenizer(demo_model_dir)
-    for text in [p for p in superni_prompts(15) if not any(c.isdigit() for c in p)]:
+    for text in [p for p in superni_prompts(split="train", per_task=20) if not any(c.isdigit() for c in p)]:
         assert tok.encode(text) == ref.encode(text, add_special_tokens=True)
 
 
 @pytest.mark.slow
 def test_logits_and_greedy_continuation_match_transformers(demo_model_dir, hf_gguf_model):
     tok = load_tokenizer(demo_model_dir)
-    ids, mask = left_pad([tok.encode(p)[-120:] for p in superni_prompts(3)], tok.pad_token_id)
+    ids, mask = left_pad([tok.encode(p)[-120:] for p in superni_prompts()], tok.pad_token_id)
     ours = load_model(demo_model_dir, device="cpu", dtype=torch.float32)
     with torch.no_grad():
         logits = ours(ids, mask)
