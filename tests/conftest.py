@@ -111,7 +111,8 @@ def superni_prompts(root=FIXTURE, split="test", per_task=1):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--superni", metavar="DIR", help="the benchmark's 15 tasks, for the tests marked superni "
+    parser.addoption("--superni", metavar="DIR", help="the benchmark's 15 tasks, for the tests marked superni; give it "
+                     "as --superni=DIR, so that pytest does not take DIR for a test path "
                      "(default: $BADIT_SUPERNI; `python data.py --download superni` puts them in ~/.cache/badit/superni)")
 
 
@@ -120,8 +121,8 @@ def superni_dir(request):
     """The full benchmark, from --superni or BADIT_SUPERNI; the tests that need it are skipped without it."""
     folder = request.config.getoption("--superni") or os.environ.get("BADIT_SUPERNI")
     if not folder:
-        pytest.skip("needs the 15 SuperNI tasks: `python data.py --download superni`, then pytest --superni "
-                    "~/.cache/badit/superni (or BADIT_SUPERNI=DIR)")
+        pytest.skip("needs the 15 SuperNI tasks: `python data.py --download superni`, then "
+                    "pytest --superni=$HOME/.cache/badit/superni (or BADIT_SUPERNI=DIR)")
     if not Path(folder).is_dir():
         pytest.fail(f"--superni {folder} is not a folder")
     return Path(folder)
