@@ -390,6 +390,9 @@ def run_cells(name: str, study: dict, launcher: str, nproc: int, work: Path, res
     failed, timed = [], []
     for cell in cells:
         run = work / (cell.of if cell.kind == "analysis" else cell.id)
+        if (results / "cells" / cell.id / "cell.json").is_file() and not (work / cell.id).exists():
+            overall.update(1)  # its results are committed and its run is elsewhere (a fresh clone): kept, not rerun
+            continue
         if done(cell, work / cell.id if cell.kind != "analysis" else run):
             if not (results / "cells" / cell.id / "cell.json").is_file():
                 collect(cell, work, results)

@@ -207,6 +207,12 @@ def test_a_tiny_study_survives_being_stopped_mid_cell(tiny_trainable, tmp_path):
         for row in s["rows"].values():
             row.pop("seconds")
     assert summaries[0] == summaries[1]
+    # a fresh clone holds the committed results but not the runs: the study keeps them and reruns nothing
+    (tmp_path / "whole" / "studies").rename(tmp_path / "whole" / "runs-elsewhere")
+    before = (tmp_path / "whole" / "results" / "tiny" / "summary.json").read_text()
+    run_study(tiny_trainable, tmp_path / "whole")
+    assert not list((tmp_path / "whole" / "studies" / "tiny").glob("*/config.json"))
+    assert (tmp_path / "whole" / "results" / "tiny" / "summary.json").read_text() == before
     assert set(summaries[0]["rows"]) == {"lora", "badit"} and summaries[0]["rows"]["badit"]["colla"]
     cells = sorted(p.name for p in (tmp_path / "cut" / "results" / "tiny" / "cells").iterdir())
     assert cells == sorted(f"{m}{s}-s{seed}" for m in ("lora", "badit") for s in ("", "-single") for seed in (0, 1))
