@@ -16,6 +16,14 @@ and the methods differ only in N, in how A and B start, and in where c comes fro
     cgc               (Kc + T Ks) r   A kaiming, B = 0   (Kc + Ks) softmax(gate[task]) on the task's experts, 0 elsewhere
     elrea             M r_lora        M trained LoRAs    1 on the row's own member's block, 0 elsewhere (ELREA's
                                                          ensemble, one LoRA per batch row; elrea.py builds it)
+    o-lora            T r_lora        A kaiming, B = 0   1 on the branches of the tasks so far, 0 on later ones
+    gainlora          T r_lora        A from features    a_i(u) on task i's branch (GainLoRA's gates, TaskGates),
+                                      (InfLoRA), B = 0   0 on later ones
+
+o-lora and gainlora are the continual baselines: one branch of r_lora components per task (T = the
+run's tasks in the continual setting, 1 otherwise), task t training its own; continual.py holds
+their work at task boundaries and in the step (O-LoRA's penalty, InfLoRA's A, the gradient
+projection memory).
 
 Then BADIT's regrouping, DOG (section 5): batched spherical k-means, an exact batched linear assignment,
 orthogonal targets from the centroid matrix, iterated; then saving and loading adapters, a PEFT export
@@ -38,7 +46,8 @@ from checks import InputError, MissingFile
 from files import atomic_write
 from model import hf_name, read_json, read_safetensors
 
-METHODS = ("lora", "pissa", "loramoe", "badit-noregroup", "badit", "cgc")  # trained by train.py's loop
+METHODS = ("lora", "pissa", "loramoe", "badit-noregroup", "badit", "cgc", "o-lora", "gainlora")  # trained by train.py's loop
+BRANCH_METHODS = ("o-lora", "gainlora")  # a branch per continual task (continual.py)
 ADAPTERS = METHODS + ("elrea",)  # elrea's adapter: the ensemble that elrea.py's pipeline assembles
 SVD_METHODS = ("pissa", "badit-noregroup", "badit")
 
@@ -153,6 +162,104 @@ class Ensemble(Adapter):
         return member.repeat_interleave(self.lora_rank, dim=1)  # (B, N): 1 on the row's member's block
 
 
+class TaskBranches(Adapter):
+    """o-lora and gainlora: a branch of r_lora components per task (components t r_lora .. (t + 1) r_lora - 1
+    are task t's). While task t trains (`task`, a buffer, so a saved adapter knows it), only its branch
+    gets gradients: the earlier branches' are zeroed by a hook, and as every task starts a fresh AdamW
+    (zero moments, weight decay 0), they do not move at all; later branches are off (c = 0)."""
+
+    def __init__(self, base, num_tasks, lora_rank, rank, alpha, dropout, train_A=True):
+        super().__init__(base, num_tasks * lora_rank, rank, alpha, dropout)
+        self.num_tasks, self.lora_rank = num_tasks, lora_rank
+        self.register_buffer("task", torch.zeros((), dtype=torch.long, device=base.weight.device))
+        self.A.requires_grad_(train_A)
+        if train_A:
+            self.A.register_hook(lambda g: g * self.trainable()[:, None])
+        self.B.register_hook(lambda g: g * self.trainable()[None, :])
+
+    def branch(self) -> torch.Tensor:  # (N,) the task of each component
+        return torch.arange(self.A.shape[0], device=self.A.device) // self.lora_rank
+
+    def trainable(self) -> torch.Tensor:  # (N,) 1 on the current task's branch
+        return (self.branch() == self.task).float()
+
+
+class OLoRA(TaskBranches):
+    """O-LoRA (Wang et al., 2023): the sum of the branches of the tasks so far; its orthogonality penalty on
+    the new branch's A against the old ones is continual.olora_penalty. With one task (mtl, single) it is lora."""
+
+    def coefficients(self, x):
+        return (self.branch() <= self.task).float()[None]  # (1, N)
+
+
+class GainLoRA(TaskBranches):
+    """GainLoRA (InfLoRA) (Liang and Li, 2025), as implemented here: task i's branch weighted by its gate
+    a_i(u) (TaskGates, one for the model, on the pooled prompt embeddings), later tasks' branches off.
+    A is fixed (InfLoRA: set from the task's input features by continual.begin_task), B trains. The buffers
+    hold the gradient projection memory of this layer's inputs: `basis[:, :basis_size]`, orthonormal."""
+
+    def __init__(self, base, num_tasks, lora_rank, rank, alpha, dropout, routing, gates):
+        super().__init__(base, num_tasks, lora_rank, rank, alpha, dropout, train_A=False)
+        n = base.weight.shape[1]
+        self.routing, self._gates = routing, (gates,)  # a tuple: the gates are registered once, on the model
+        self.register_buffer("basis", torch.zeros(n, n, device=base.weight.device))
+        self.register_buffer("basis_size", torch.zeros((), dtype=torch.long, device=base.weight.device))
+
+    def coefficients(self, x):
+        if self.routing.mask is None:  # decoding: the gate computed at prefill
+            return self.routing.gates[self]
+        a = self._gates[0](self.routing.embeddings, self.routing.mask)  # (B, T)
+        a = a * (torch.arange(self.num_tasks, device=a.device) <= self.task)
+        c = a.repeat_interleave(self.lora_rank, dim=1)  # (B, N)
+        self.routing.gates[self] = c
+        return c
+
+
+class TaskGates(nn.Module):
+    """GainLoRA's gating module, one per model (model.task_gates), as implemented here on a decoder.
+
+        u = masked mean of the input embeddings over the prompt                           (dim,)
+        g_i(u) = SiLU(W2_i SiLU(W1_i u))      W1_i (h, dim), W2_i (dim, h), h = 100       (dim,)
+        a_i(u) = | 2 sigmoid(4 cos(g_i(u), k_i)) - 1 |                                    in [0, 1)
+
+    (the public code's Trans_input, prompt_key and cal_attention in src/t5_large.py; it pools the T5
+    encoder's input embeddings, averaging over padding too: here over the prompt only). Task t trains
+    W1_t, W2_t and k_t only (a hook zeroes the other rows' gradients); continual.py keeps their updates
+    off the earlier tasks' inputs with the gradient projection memory in the buffers: the bases of the
+    old u (dim), of SiLU(W1 u) (h) and of g(u) (dim), each `basis_*[:, :size]`, orthonormal."""
+
+    def __init__(self, dim: int, num_tasks: int, hidden: int = 100, device=None):
+        super().__init__()
+        self.W1 = nn.Parameter(torch.empty(num_tasks, hidden, dim, device=device))
+        self.W2 = nn.Parameter(torch.empty(num_tasks, dim, hidden, device=device))
+        self.key = nn.Parameter(torch.empty(num_tasks, dim, device=device))
+        for W in (self.W1, self.W2):  # as the public code's nn.Linear layers
+            for i in range(num_tasks):
+                nn.init.kaiming_uniform_(W.data[i], a=math.sqrt(5))
+        nn.init.uniform_(self.key, -1, 1)
+        self.register_buffer("task", torch.zeros((), dtype=torch.long, device=device))
+        for name, size in (("u", dim), ("medium", hidden), ("out", dim)):
+            self.register_buffer(f"basis_{name}", torch.zeros(size, size, device=device))
+            self.register_buffer(f"size_{name}", torch.zeros((), dtype=torch.long, device=device))
+        for p in (self.W1, self.W2, self.key):
+            p.register_hook(lambda g: g * (torch.arange(len(g), device=g.device) == self.task).view(-1, *[1] * (g.dim() - 1)))
+
+    @staticmethod
+    def pooled(embeddings, mask):  # (B, L, dim), (B, L) -> u (B, dim), float32
+        m = mask.float()[..., None]
+        return (embeddings.float() * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def parts(self, u):  # u (B, dim) -> SiLU(W1 u) (B, T, h) and g(u) (B, T, dim), every task's
+        medium = F.silu(torch.einsum("bd,thd->bth", u, self.W1))
+        return medium, F.silu(torch.einsum("bth,tdh->btd", medium, self.W2))
+
+    def forward(self, embeddings, mask):  # -> a (B, T)
+        with torch.autocast(embeddings.device.type, enabled=False):  # float32, as the routers (SPEC section 8)
+            _, g = self.parts(self.pooled(embeddings, mask))
+            cos = F.cosine_similarity(g, self.key[None], dim=-1, eps=1e-12)  # (B, T)
+            return (2 * torch.sigmoid(4 * cos) - 1).abs()
+
+
 # ----------------------------------------------------------------------------------------------
 # Initialisation (SPEC sections 3 and 6)
 
@@ -205,6 +312,8 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=8, rank
         raise InputError("an elrea ensemble needs members (its base LoRA and one LoRA per cluster).")
     if method == "cgc" and not num_tasks:
         raise InputError("cgc needs num_tasks (the number of tasks, each with its own specific experts).")
+    if method in BRANCH_METHODS:
+        num_tasks = num_tasks or 1  # a branch per continual task; one in mtl and single
     if top_k is not None and method != "loramoe":
         why = ("with SVD experts the tied gates at step 0 would drop all but k experts and the model would not start "
                "at its own function (SPEC section 4)" if method in SVD_METHODS else f"{method} has no router")
@@ -227,6 +336,12 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=8, rank
             adapter = CGC(base, common_experts, task_experts, num_tasks, rank, alpha, dropout, model.routing)
         elif method == "elrea":
             adapter = Ensemble(base, members, lora_rank, rank, alpha, dropout, model.routing)
+        elif method == "o-lora":
+            adapter = OLoRA(base, num_tasks, lora_rank, rank, alpha, dropout)
+        elif method == "gainlora":
+            if not hasattr(model, "task_gates"):
+                model.task_gates = TaskGates(model.args.dim, num_tasks, device=base.weight.device)
+            adapter = GainLoRA(base, num_tasks, lora_rank, rank, alpha, dropout, model.routing, model.task_gates)
         else:
             adapter = MoE(base, num_experts, rank, alpha, dropout, model.routing, top_k)
         if method in SVD_METHODS:  # the initial components, which define the frozen residual
@@ -236,7 +351,8 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=8, rank
             svd_init_experts(adapter) if method in SVD_METHODS else kaiming_init(adapter)
         setattr(model.get_submodule(parent), leaf, adapter)
 
-    active = {"lora": lora_rank, "pissa": lora_rank, "cgc": (common_experts + task_experts) * rank, "elrea": lora_rank}
+    active = {"lora": lora_rank, "pissa": lora_rank, "cgc": (common_experts + task_experts) * rank, "elrea": lora_rank,
+              "o-lora": num_tasks and num_tasks * lora_rank, "gainlora": num_tasks and num_tasks * lora_rank}  # after T tasks
     config["active_rank"] = active.get(method, (top_k or num_experts) * rank)
     config["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{method}: {len(names)} layers adapted ({', '.join(targets)}), {config['trainable_params']:,} trainable "
@@ -264,6 +380,11 @@ def check_adapters(model, method: str, targets, num_experts: int, rank: int, lor
         if N > min(m, n):
             raise InputError(f"{N} SVD components ({'--lora-rank' if method == 'pissa' else 'experts x rank'}) exceed "
                              f"min(out, in) = {min(m, n)} of {name} ({m} x {n}); lower the rank or the number of experts.")
+    for name in names if method == "gainlora" else []:  # InfLoRA's A: r_lora directions of the layer's input space
+        m, n = linears[name].weight.shape
+        if (lora_rank or num_experts * rank) > n:
+            raise InputError(f"gainlora's branch rank {lora_rank or num_experts * rank} exceeds the input size {n} of "
+                             f"{name}; lower --lora-rank.")
     return names
 
 
@@ -640,9 +761,13 @@ def regroup(model, optimizer=None, signal: str = "accumulated", n_init: int = 10
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
-    """Every adapter tensor but the frozen base layer: A, B, the router or gate, A0 and B0."""
-    return {f"{name}.{k}": v.detach().contiguous() for name, a in adapters_of(model).items()
-            for k, v in a.state_dict().items() if not k.startswith("base.")}
+    """Every adapter tensor but the frozen base layer: A, B, the router or gate, A0 and B0, GainLoRA's
+    task gates and projection bases."""
+    state = {f"{name}.{k}": v.detach().contiguous() for name, a in adapters_of(model).items()
+             for k, v in a.state_dict().items() if not k.startswith("base.")}
+    if hasattr(model, "task_gates"):
+        state |= {f"task_gates.{k}": v.detach().contiguous() for k, v in model.task_gates.state_dict().items()}
+    return state
 
 
 def save_adapters(model, out_dir):
@@ -683,6 +808,8 @@ def load_adapter_state(model, file):
         raise InputError(f"{file} does not fit this model and adapter_config.json (e.g. {diff}).")
     for name, a in adapters_of(model).items():
         a.load_state_dict({k: state[f"{name}.{k}"] for k in a.state_dict() if not k.startswith("base.")}, strict=False)
+    if hasattr(model, "task_gates"):
+        model.task_gates.load_state_dict({k: state[f"task_gates.{k}"] for k in model.task_gates.state_dict()})
 
 
 def remove_adapters(model):
@@ -691,6 +818,8 @@ def remove_adapters(model):
     for name, a in adapters_of(model).items():
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, a.base)
+    if hasattr(model, "task_gates"):
+        del model.task_gates
     model.adapter_config = None
     return model
 
@@ -706,16 +835,18 @@ def export_peft(model, out_dir, base_model_name_or_path: str = ""):
     from safetensors.torch import save_file
 
     cfg = model.adapter_config
-    if cfg["method"] not in ("lora", "pissa"):
-        raise InputError(f"PEFT export covers lora and pissa; {cfg['method']} has no PEFT equivalent.")
+    if cfg["method"] not in ("lora", "pissa", "o-lora"):
+        raise InputError(f"PEFT export covers lora, pissa and o-lora; {cfg['method']} has no PEFT equivalent.")
     pissa = cfg["method"] == "pissa"
     tensors = {}
     for name, a in adapters_of(model).items():
         A, B = (torch.cat([a.A, a.A0]), torch.cat([a.B, -a.B0], 1)) if pissa else (a.A, a.B)
+        if isinstance(a, OLoRA):  # the branches of the tasks so far: one LoRA of rank (t + 1) r_lora
+            A, B = A[:(a.task + 1) * a.lora_rank], B[:, :(a.task + 1) * a.lora_rank]
         key = f"base_model.model.{hf_name(name)}"
         tensors[key + ".lora_A.weight"] = A.detach().contiguous()
         tensors[key + ".lora_B.weight"] = B.detach().contiguous()
-    r = cfg["lora_rank"] * (2 if pissa else 1)
+    r = next(iter(tensors.values())).shape[0]
     peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
                    "r": r, "lora_alpha": cfg["alpha"] / cfg["rank"] * r, "lora_dropout": cfg["dropout"],
                    "target_modules": cfg["targets"], "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
@@ -732,14 +863,16 @@ def merge_adapters(model, task_id: int | None = None):
     W <- W + s B diag(c) A. Only a fixed c can be folded in: a router's gate depends on each input, and
     ELREA's ensemble weighs its members' logits per query, which no single weight matrix computes."""
     for name, a in adapters_of(model).items():
-        if isinstance(a, MoE):
-            raise InputError("loramoe / badit gates depend on each input, so they cannot be merged into the weights.")
+        if isinstance(a, (MoE, GainLoRA)):
+            raise InputError(f"{model.adapter_config['method']} gates depend on each input, so they cannot be merged "
+                             "into the weights.")
         if isinstance(a, Ensemble):
             raise InputError("an elrea ensemble mixes its members' logits with per-query weights, which no weight "
                              "matrix computes: it cannot be merged (merge one member's LoRA, base/ or experts/c<k>/).")
         if isinstance(a, CGC) and task_id is None:
             raise InputError("merging a cgc adapter needs task_id: its gate depends on the task.")
-        c = a.task_coefficients(torch.tensor([task_id], device=a.A.device))[0] if isinstance(a, CGC) else 1.0
+        c = (a.task_coefficients(torch.tensor([task_id], device=a.A.device))[0] if isinstance(a, CGC) else
+             a.coefficients(None)[0] if isinstance(a, OLoRA) else 1.0)
         W = a.base.weight
         W.data = (W.float() + a.scaling * (a.B * c) @ a.A).to(W.dtype)
     return remove_adapters(model)

@@ -68,7 +68,9 @@ def names(text):
 
 ROUTED = ("loramoe", "badit-noregroup", "badit")
 METHOD_FLAGS = {
-    "--lora-rank": ("lora", "pissa", "elrea"),
+    "--lora-rank": ("lora", "pissa", "elrea", "o-lora", "gainlora"),
+    "--orth-lambda": ("o-lora",),
+    "--l2-lambda": ("o-lora",),
     "--top-k": ("loramoe",),  # badit's SVD experts would not start at the base function (SPEC section 4)
     "--common-experts": ("cgc",),
     "--task-experts": ("cgc",),

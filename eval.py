@@ -399,17 +399,18 @@ def cmd_generate(args):
 
 
 def cmd_export(args):
-    """--peft DIR: the adapter in PEFT's format (lora, pissa); --merged DIR: a Hugging Face checkpoint with the
-    adapter folded into the weights (lora, pissa, and cgc for one --task)."""
+    """--peft DIR: the adapter in PEFT's format (lora, pissa, o-lora); --merged DIR: a Hugging Face checkpoint with
+    the adapter folded into the weights (lora, pissa, o-lora, and cgc for one --task)."""
     cfg = read_config(args.run_dir)
     method = cfg["method"]
-    if method in ("loramoe", "badit-noregroup", "badit", "elrea"):
-        how = "its router weighs the experts by each prompt" if method != "elrea" else "it weighs its LoRAs per query"
+    if method in ("loramoe", "badit-noregroup", "badit", "elrea", "gainlora"):
+        how = ("it weighs its LoRAs per query" if method == "elrea" else "its gates weigh the task branches by each prompt"
+               if method == "gainlora" else "its router weighs the experts by each prompt")
         raise InputError(f"a {method} adapter cannot be exported as one static weight: {how}. Use it through "
                          f"`python eval.py generate {args.run_dir} --prompt TEXT`, or in Python with "
                          f"eval.load_run('{args.run_dir}') and model.generate.")
-    if args.peft and method not in ("lora", "pissa"):
-        raise InputError(f"--peft covers lora and pissa; a {method} adapter has no PEFT equivalent (cgc: --merged "
+    if args.peft and method not in ("lora", "pissa", "o-lora"):
+        raise InputError(f"--peft covers lora, pissa and o-lora; a {method} adapter has no PEFT equivalent (cgc: --merged "
                          f"with --task).")
     if args.task is not None and method != "cgc":
         raise InputError(f"--task is for cgc's per-task gate; a {method} adapter has none.")

@@ -180,15 +180,18 @@ class Routing:
       task_ids: (B,) an index per sequence: CGC-LoRA's task (its per-task gate), or the member of ELREA's
                 ensemble that the row runs; or None.
       gates:    adapter -> gate computed for the current sequences.
+      embeddings: (B, L, dim) the input embeddings of the current sequences (GainLoRA's gates pool them
+                over the prompt, once for the whole model, where a router pools its own layer's input).
     """
 
     def __init__(self):
         self.mask: torch.Tensor | None = None
         self.task_ids: torch.Tensor | None = None
         self.gates: dict = {}
+        self.embeddings: torch.Tensor | None = None
 
     def begin(self, mask: torch.Tensor, task_ids: torch.Tensor | None):
-        self.mask, self.task_ids, self.gates = mask, task_ids, {}
+        self.mask, self.task_ids, self.gates, self.embeddings = mask, task_ids, {}, None
 
     def __deepcopy__(self, memo):  # a copied model starts with no batch (the gates hold autograd graphs)
         return Routing()
@@ -402,6 +405,8 @@ class Transformer(nn.Module):
         h = self.embed_tokens(input_ids)  # (B, L, dim)
         if self.args.embed_scale:
             h = h * torch.tensor(self.args.dim**0.5, dtype=h.dtype)
+        if past == 0:
+            self.routing.embeddings = h
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:

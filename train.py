@@ -16,7 +16,8 @@ metrics_test.*). A run directory that holds a run is continued with --resume or 
 Settings (SPEC section 8): mtl trains one adapter on all tasks mixed; continual trains on the tasks
 one after another in a named order (--order) (optimizer and schedule restarted per task, every test set
 evaluated after each task, the matrix in continual.json); single trains one adapter per task in
-<out>/<task>/, the baselines of `colla` and Fwt.
+<out>/<task>/, the baselines of `colla` and Fwt. The continual baselines (o-lora, gainlora) add a branch
+per continual task; continual.py does their work at task boundaries and in the step.
 
 Precision: bf16 weights and autocast where the device has native bf16 (CUDA, or a CPU with
 AVX512-BF16 or AMX), float32 elsewhere; adapters, optimizer, router and loss are float32 always.
@@ -39,8 +40,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import continual
 import elrea
-from badit import (METHODS, REGROUP_STATS, accumulate_regroup_signal, add_adapters, check_adapters, load_adapters, regroup,
+from badit import (BRANCH_METHODS, METHODS, REGROUP_STATS, accumulate_regroup_signal, add_adapters, check_adapters, load_adapters, regroup,
                    reset_regroup_signal, routed_adapters, save_adapters)
 from checks import METHOD_FLAGS, InputError, check_method_flags, command, names, number, positive_int
 from data import (CLASSROOM, SUPERNI, answer_loss, batch_order, collate, encode_examples, fingerprint, list_tasks, load_tasks,
@@ -89,11 +91,17 @@ def parse_args(argv=None):
                    "scales each rank-1 component by alpha / r, lora and pissa included (default: %(default)s)")
     g.add_argument("--dropout", type=number(float, 0, 1, high_open=True), default=0.05,
                    help="dropout on the adapter input (default: %(default)s)")
-    g.add_argument("--lora-rank", type=positive_int, help="lora, pissa, elrea: the LoRA's rank (default: K x r, "
-                   "BADIT's total rank)")
+    g.add_argument("--lora-rank", type=positive_int, help="lora, pissa, elrea: the LoRA's rank; o-lora, gainlora: "
+                   "each task branch's (default: K x r, BADIT's total rank)")
     g.add_argument("--top-k", type=positive_int, help="loramoe only: keep the k largest gates (default: dense)")
     g.add_argument("--common-experts", type=number(int, 0), help="cgc: Kc experts shared by all tasks (default: K - 2)")
     g.add_argument("--task-experts", type=number(int, 0), help="cgc: Ks experts of each task (default: 2)")
+
+    g = p.add_argument_group("continual baselines (o-lora, gainlora: continual.py)")
+    g.add_argument("--orth-lambda", type=number(float, 0), help="o-lora: lambda_1, the weight of |A_old A_t^T| "
+                   "(default: 0.5, its scripts')")
+    g.add_argument("--l2-lambda", type=number(float, 0), help="o-lora: lambda_2, the weight of the new branch's norms "
+                   "(default: 0, its scripts')")
 
     g = p.add_argument_group("regrouping (badit only, SPEC section 5)")
     g.add_argument("--regroup-every", type=positive_int, help="regroup every N optimizer steps instead of at the end "
@@ -161,12 +169,16 @@ def parse_args(argv=None):
         p.error(f"--order is for --setting continual only; --setting {args.setting} would ignore it.")
     if args.setting == "continual" and args.order is None:
         args.order = 1
+    if args.method in BRANCH_METHODS and args.setting == "continual" and args.weight_decay:
+        p.error(f"--weight-decay {args.weight_decay} would shrink the frozen branches of the earlier tasks ({args.method} "
+                f"keeps them as they were trained); leave it at 0.")
     if args.method == "elrea" and args.setting == "continual":
         p.error("--setting continual is not defined for elrea: it is a multi-task method that clusters the whole "
                 "training set; use --setting mtl or single.")
     recipe = RECIPES["classroom" if args.data == CLASSROOM else "paper"]
     defaults = dict(regroup_until=0.5, regroup_signal="accumulated", clusters=5, proj_dim=8192, feature_epochs=2,
-                    common_experts=max(args.num_experts - 2, 0), task_experts=2)  # SPEC sections 5, 6
+                    common_experts=max(args.num_experts - 2, 0), task_experts=2,  # SPEC sections 5, 6
+                    orth_lambda=continual.ORTH_LAMBDA, l2_lambda=continual.L2_LAMBDA)
     for key, value in {**recipe, **defaults}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -475,6 +487,7 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
     device = model.lm_head.weight.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    continual.constrain(model, optimizer)  # GainLoRA: each step's update kept off the old tasks' inputs
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total = args.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, args.warmup))
@@ -520,6 +533,9 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                 n_answer = sum(len(e.answer_ids) for e in batch)  # the loss is the mean over the global batch
                 mine = batch[rank::world]  # this rank's share, as DistributedSampler interleaves
                 loss_sum, tokens = backward_global_batch(model, mine, n_answer, args, device)
+                reg = continual.penalty(model, args.orth_lambda, args.l2_lambda) if args.method == "o-lora" else None
+                if reg is not None:  # O-LoRA's regulariser, once per step (summed over ranks: each adds 1 / world)
+                    (reg / world).backward()
                 stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
                                      torch.tensor(float(bool(interrupted)), device=device)])
                 if world > 1:
@@ -543,7 +559,8 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
                 if log:
                     log.write(json.dumps(dict(phase=phase, epoch=epoch + 1, step=step, loss=loss_value, lr=lr,
-                                              grad_norm=grad_norm, tokens_per_s=tok_s)) + "\n")
+                                              grad_norm=grad_norm, tokens_per_s=tok_s,
+                                              **({"penalty": reg.item()} if reg is not None else {}))) + "\n")
                     log.flush()
                 last = b == len(batches) - 1
                 if regroup_due(args, epoch, step, steps_per_epoch, last):
@@ -633,16 +650,18 @@ def attach_adapters(model, args, ckpt: Path | None = None, task: str | None = No
         load_adapters(model, folder or start_from)
     else:
         torch.manual_seed(init_seed(args.seed, task))
+        tasks = len(args.tasks) if args.method == "cgc" or (args.method in BRANCH_METHODS and args.setting == "continual") else None
         add_adapters(model, args.method, tuple(args.targets), args.num_experts, args.rank, args.alpha, args.dropout,
-                     args.lora_rank, args.top_k, len(args.tasks) if args.method == "cgc" else None,
-                     args.common_experts, args.task_experts)
+                     args.lora_rank, args.top_k, tasks, args.common_experts, args.task_experts)
     torch.manual_seed(init_seed(args.seed, task) + 1 + rank)  # dropout: different masks on different ranks
-    return model
+    return folder is None and start_from is None  # fresh adapters
 
 
 def train_adapter(model, examples, args, run_dir: Path, rank: int, world: int, task=None, start_from=None, keep_epochs=()):
     """One ordinary run of the loop in run_dir (attach_adapters, train_phase) and (rank 0) its final adapter."""
-    attach_adapters(model, args, run_dir / "checkpoint", task, rank, start_from)
+    fresh = attach_adapters(model, args, run_dir / "checkpoint", task, rank, start_from)
+    if args.method in BRANCH_METHODS:  # GainLoRA's A and key from the data (one task: the whole training set)
+        continual.begin_task(model, 0, examples, args.pad_token_id, init=fresh)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     train_phase(model, examples, args, run_dir, rank, world, resume=args.resume, keep_epochs=keep_epochs)
@@ -852,7 +871,12 @@ def train_continual(model, tok, args, train, test, run_dir, rank, world):
             continue
         if rank == 0:
             print(f"continual: task {j + 1}/{len(order)}: {task}")
-        train_phase(model, of_tasks(train, [task]), args, run_dir, rank, world, phase=j, resume=args.resume and j == first)
+        resumed = args.resume and j == first
+        if args.method in BRANCH_METHODS:  # a new branch for the task (inside a resumed task: as checkpointed)
+            continual.begin_task(model, j, of_tasks(train, [task]), args.pad_token_id, init=not (resumed and folder))
+        train_phase(model, of_tasks(train, [task]), args, run_dir, rank, world, phase=j, resume=resumed)
+        if args.method in BRANCH_METHODS:  # GainLoRA's memory of the task's inputs
+            continual.end_task(model, j, of_tasks(train, [task]), args.pad_token_id, len(order))
         if rank == 0 and len(record["rougeL"]) <= j:
             snapshot = run_dir / f"after_{j + 1}_{task}"
             save_adapters(model, snapshot)

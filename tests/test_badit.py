@@ -453,15 +453,18 @@ def test_lora_matches_peft(tiny_checkpoints):
     torch.testing.assert_close(ours(ids, mask)[real], hf_logits(ref, ids, mask)[real], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["lora", "pissa"])
+@pytest.mark.parametrize("method", ["lora", "pissa", "o-lora"])
 def test_peft_export_loads_in_peft(tiny_checkpoints, tmp_path, method):
     from peft import PeftModel
 
     from conftest import hf_model
+    from continual import set_task
 
     path = tiny_checkpoints["llama3"]
-    ours = adapted(path, method)
+    ours = adapted(path, method, **({"num_tasks": 3} if method == "o-lora" else {}))
     randomize_adapters(ours, scale=0.1)
+    if method == "o-lora":  # after two tasks of three: the third branch is off and not exported
+        set_task(ours, 1)
     export_peft(ours, tmp_path)
     ref = PeftModel.from_pretrained(hf_model(path), tmp_path).eval()  # on the original, unmodified weights
     ids, mask = left_padded_batch(LENGTHS)

@@ -117,11 +117,11 @@ def test_a_merged_export_loads_in_transformers_with_our_logits(runs, tmp_path, m
 
 
 def test_what_cannot_be_exported_is_refused_with_what_works_instead(runs, tmp_path, capsys):
-    for method in ("loramoe", "badit", "badit-noregroup", "elrea"):
+    for method in ("loramoe", "badit", "badit-noregroup", "elrea", "gainlora"):
         err = refused(capsys, ["export", runs[method], "--merged", tmp_path / method])
         assert f"a {method} adapter cannot be exported as one static weight" in err and "eval.py generate" in err
         assert not (tmp_path / method).exists()
-    assert "--peft covers lora and pissa" in refused(capsys, ["export", runs["cgc"], "--peft", tmp_path / "p"])
+    assert "--peft covers lora, pissa and o-lora" in refused(capsys, ["export", runs["cgc"], "--peft", tmp_path / "p"])
     assert "give --task, one of sort_ascending" in refused(capsys, ["export", runs["cgc"], "--merged", tmp_path / "m"])
     evaluation.main(["export", str(runs["lora"]), "--peft", str(tmp_path / "peft")])
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())

@@ -136,7 +136,7 @@ def test_continual_rows_over_orders_equal_a_direct_computation(tmp_path):
     the paired test over (order, seed) x tasks of the final scores and of the forgetting."""
     rng = np.random.default_rng(2)
     cells, matrices = [], {}
-    for method in ("lora", "badit"):
+    for method in ("lora", "gainlora", "badit"):
         cells.append(write_cell(tmp_path, f"{method}-s0", method, 0, scores={"a": 50.0, "b": 50.0, "c": 50.0}))
         for order in (1, 2, 3):
             id = f"{method}-continual-o{order}-s0"
@@ -154,21 +154,25 @@ def test_continual_rows_over_orders_equal_a_direct_computation(tmp_path):
         r = s["continual_rows"][method]
         assert r["AP"] == pytest.approx([continual_metrics(matrices[method, o][1])["AP"] for o in (1, 2, 3)])
         assert r["Fgt"] == pytest.approx([continual_metrics(matrices[method, o][1])["Fgt"] for o in (1, 2, 3)])
-    final, forgetting = [], []
-    for order in (1, 2, 3):
-        (tasks, ours), (same, theirs) = matrices["badit", order], matrices["lora", order]
-        assert tasks == same
-        for i in range(3):
-            final.append(ours[-1][i] - theirs[-1][i])
-            if i < 2:
-                forget = lambda a: max(a[j][i] for j in range(i, 2)) - a[-1][i]  # noqa: E731
-                forgetting.append(forget(ours) - forget(theirs))
     against = s["continual_rows"]["badit"]
-    assert against["final_against_reference"]["pairs"] == 9 and against["forgetting_against_reference"]["pairs"] == 6
-    assert against["final_against_reference"]["mean_difference"] == pytest.approx(np.mean(final))
-    assert against["forgetting_against_reference"]["p"] == pytest.approx(study.paired_permutation_test(forgetting))
+    for other, suffix in (("lora", "reference"), ("gainlora", "gainlora")):  # the reference, and the continual state of the art
+        final, forgetting = [], []
+        for order in (1, 2, 3):
+            (tasks, ours), (same, theirs) = matrices["badit", order], matrices[other, order]
+            assert tasks == same
+            for i in range(3):
+                final.append(ours[-1][i] - theirs[-1][i])
+                if i < 2:
+                    forget = lambda a: max(a[j][i] for j in range(i, 2)) - a[-1][i]  # noqa: E731
+                    forgetting.append(forget(ours) - forget(theirs))
+        assert against[f"final_against_{suffix}"]["pairs"] == 9 and against[f"forgetting_against_{suffix}"]["pairs"] == 6
+        assert against[f"final_against_{suffix}"]["mean_difference"] == pytest.approx(np.mean(final))
+        assert against[f"forgetting_against_{suffix}"]["p"] == pytest.approx(study.paired_permutation_test(forgetting))
+    assert "final_against_reference" in s["continual_rows"]["gainlora"]
+    assert "final_against_gainlora" not in s["continual_rows"]["gainlora"] | s["continual_rows"]["lora"]
     text = study.markdown("t", s)
     assert "| badit (order 2, seed 0) |" in text and "| badit: forgetting | 6 |" in text
+    assert "Against `gainlora`, paired over (order, seed) x tasks" in text
     assert f"| badit | 3 | {np.mean(against['AP']):.1f} ± " in text
 
 
