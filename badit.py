@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checks import InputError, MissingFile
-from files import atomic_write
-from model import hf_name, read_json, read_safetensors
+from files import atomic_write, read_json, read_safetensors
+from hf import hf_name
 
 METHODS = ("lora", "pissa", "loramoe", "badit-noregroup", "badit", "cgc", "o-lora", "gainlora")  # trained by train.py's loop
 BRANCH_METHODS = ("o-lora", "gainlora")  # a branch per continual task (continual.py)

@@ -4,8 +4,9 @@ badit.py holds their layers (TaskBranches, OLoRA, GainLoRA, TaskGates: one branc
 components per task). train.py calls, for these two methods: begin_task before each task (and before
 the one phase of mtl and single), penalty after each backward, constrain on each phase's optimizer,
 end_task after each continual task. As implemented here, for both: our decoder models and targets
-(default gate_proj), rank r_lora per task, the study's recipe (learning rate, epochs, batch) and no
-replay of old data (the GainLoRA SuperNI scripts' data_replay_freq -1).
+(default gate_proj), rank r_lora per task (GainLoRA's scripts: 4 on T5's q and v, with the same scaling
+alpha / r = 8 as ours), the study's recipe (learning rate, epochs, batch, dropout) and no replay of old
+data.
 
 O-LoRA (Wang et al., Findings of EMNLP 2023; github.com/cmnfriend/O-LoRA, src/uie_trainer_lora.py
 training_step, src/peft/tuners/lora.py Linear.forward): task t trains a new LoRA (A_t, B_t), the earlier
@@ -36,8 +37,9 @@ _inner_training_loop, gen_script_superni_order*_t5_gainlora_inflora.sh):
   after task t:   every memory basis grows by GPM's rule (Saha et al., ICLR 2021) from the trained model's
                   features on the task's data, threshold theta_t = theta + (1 - theta) t / T, theta = 0.995
                   (the scripts' --threshold and --transthreshold; T = 15 there, the run's task count here).
-Not recovered or not ported: the chunked covariances (--chunk, 1 in every script), the KL replay of old
-gates, the T5 encoder/decoder split (the gate here reads the decoder's input embeddings, pooled over the
+Not recovered or not ported: the chunked covariances (--chunk, 1 in every script); the KL replay of the
+gates on pseudo-samples (data_replay_freq -1 in the SuperNI scripts except for the last task of order 1's,
+whose generated_data/ folder the repository does not hold); the T5 encoder/decoder split (the gate here reads the decoder's input embeddings, pooled over the
 prompt), early stopping on dev ROUGE-L (every method here trains the recipe's epochs).
 """
 

@@ -45,8 +45,7 @@ from badit import (adapters_of, add_adapters, load_adapter_state, load_adapters,
                    spherical_kmeans)
 from checks import InputError, MissingFile
 from data import collate
-from files import atomic_write
-from model import read_json, read_safetensors
+from files import atomic_write, read_json, read_safetensors
 
 BLOCK = 4096  # columns of R made at a time: d_proj x 4096 signs
 SIZE_RATIO, SIZE_ROUNDS = 5, 3  # the thesis's size rule

@@ -35,8 +35,9 @@ from badit import REGROUP_STATS, adapters_of, export_peft, load_adapters, merge_
 from checks import InputError, MissingFile, command, names, number, positive_int
 from data import (CLASSROOM, SUPERNI, Example, answer_loss, collate, encode_examples, format_prompt, list_tasks,
                   load_tasks, read_task)
-from files import atomic_write, kind_of, new_folder, read_jsonl, write_json
-from model import DEMO_MODEL, generate, load_model, load_tokenizer, read_json, read_model_args, save_model
+from files import atomic_write, kind_of, new_folder, read_json, read_jsonl, write_json
+from hf import DEMO_MODEL, load_model, load_tokenizer, read_model_args, save_model
+from model import generate
 
 ROOT = Path(__file__).resolve().parent
 

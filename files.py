@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from checks import InputError
 
 MARKER = ".badit.json"
@@ -150,3 +152,28 @@ def read_jsonl(file) -> list[dict]:
             print(f"note: {file}: the last line is incomplete (the run was stopped while writing it); it is ignored.",
                   file=sys.stderr)
     return records
+
+
+def read_json(file, fix="re-download the checkpoint or fix the file"):
+    """A JSON file we or Hugging Face wrote; a damaged one is an InputError that names it and says `fix`."""
+    try:
+        return json.loads(Path(file).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{file}: not valid JSON ({e}); {fix}.") from None
+
+
+def read_safetensors(file, fix="re-download the checkpoint", device="cpu") -> dict:
+    """All tensors of a safetensors file we wrote; a truncated or damaged file, or a tensor that is not finite,
+    is an InputError that names it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(file, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{file}: cannot be read as safetensors ({e}): the file is incomplete or damaged; {fix}.") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"{file}: tensor {bad[0]!r}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} holds NaN or "
+                         f"infinite values; {fix}.")
+    return tensors

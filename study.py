@@ -34,9 +34,10 @@ from badit import ADAPTERS
 from checks import InputError, command, names, positive_int
 from data import CLASSROOM, SUPERNI
 from eval import continual_metrics, maybe_plot
-from files import atomic_write, check_writable_path, contents, empty_folder, kind_of, lock_folder, mark, read_jsonl
-from model import read_json
-from train import parse_args, progressed
+from files import (atomic_write, check_writable_path, contents, empty_folder, kind_of, lock_folder, mark, read_json,
+                   read_jsonl)
+from runs import progressed
+from train import parse_args
 
 ROOT = Path(__file__).resolve().parent
 

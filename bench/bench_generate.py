@@ -25,7 +25,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 from bench_train import DEFAULT_DATA, matmul_peak  # noqa: E402
 from conftest import left_pad, superni_prompts  # noqa: E402
 from data import collate, encode_examples, list_tasks, load_tasks  # noqa: E402
-from model import generate, load_model, load_tokenizer, read_model_args  # noqa: E402
+from hf import load_model, load_tokenizer, read_model_args  # noqa: E402
+from model import generate  # noqa: E402
 
 
 def timed(fn):

@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data import SUPERNI, answer_loss, batch_order, collate, encode_examples, load_tasks, superni_cache  # noqa: E402
-from model import load_model, load_tokenizer, read_model_args  # noqa: E402
+from hf import load_model, load_tokenizer, read_model_args  # noqa: E402
 
 # the benchmark: the cache (python data.py --download superni), else our machines' shared copy
 DEFAULT_DATA = SUPERNI if superni_cache().is_dir() else str(ROOT.parent / "shared" / "data" / "superni")

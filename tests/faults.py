@@ -16,7 +16,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+
 import badit  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
 from checks import command  # noqa: E402
 
@@ -36,7 +39,7 @@ def inject(fault: str):
 
         train.backward_global_batch = backward_global_batch
     elif kind == "diskfull":
-        original = train.save_file
+        original = runs.save_file
 
         def save_file(tensors, file):
             calls.append(1)
@@ -44,13 +47,13 @@ def inject(fault: str):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
             return original(tensors, file)
 
-        train.save_file = save_file
+        runs.save_file = save_file
     elif kind == "disagree":
         original = badit.spherical_kmeans
 
         def spherical_kmeans(x, *args, **kw):
             if rank == 1:
-                x = x + 0.5 * x.norm(dim=-1, keepdim=True) * train.torch.randn(x.shape, generator=train.torch.Generator().manual_seed(1))
+                x = x + 0.5 * x.norm(dim=-1, keepdim=True) * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
             return original(x, *args, **kw)
 
         badit.spherical_kmeans = spherical_kmeans

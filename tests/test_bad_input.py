@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import load_model, load_tokenizer
+from hf import load_model, load_tokenizer
 
 
 @pytest.fixture
@@ -229,7 +229,7 @@ def test_run_directories_are_never_silently_reused(tiny_trainable, tmp_path, cap
 
 
 def test_eval_and_model_command_lines(tiny_trainable, tmp_path, capsys):
-    import model as model_cli
+    import hf as model_cli
 
     assert "config.json is missing" in refused(capsys, evaluation.main, ["evaluate", str(tmp_path)])
     assert "argument --limit" in refused(capsys, evaluation.main, ["evaluate", str(tmp_path), "--limit", "0"])
@@ -250,7 +250,7 @@ def test_errors_print_one_paragraph_without_a_traceback(tiny_trainable, tmp_path
     for cmd in (["train.py", "--model", tiny_trainable, "--out", tmp_path / "r", *FAST, "--tasks", "nope"],
                 ["eval.py", "evaluate", tmp_path / "nowhere"],
                 ["data.py", "--show", tmp_path / "nowhere"],
-                ["model.py", "--model", tmp_path / "nowhere"]):
+                ["hf.py", "--model", tmp_path / "nowhere"]):
         result = run_cli(*cmd)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr, result.stderr
 
@@ -308,9 +308,9 @@ def test_hub_ids_resolve_through_the_cache_offline(tiny_trainable, tmp_path):
     (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    ok = run_cli("model.py", "--model", "org/tiny", "--prompt", "abc", "--max-new-tokens", "2", env=env)
+    ok = run_cli("hf.py", "--model", "org/tiny", "--prompt", "abc", "--max-new-tokens", "2", env=env)
     assert ok.returncode == 0, ok.stderr
-    missing = run_cli("model.py", "--model", "org/missing", env=env)
+    missing = run_cli("hf.py", "--model", "org/missing", env=env)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert f"org/missing is not a local folder and is not in the Hugging Face cache {tmp_path / 'hub'}" in missing.stderr
     assert "HF_HUB_OFFLINE is set" in missing.stderr
@@ -588,7 +588,7 @@ def test_a_single_task_cgc_run_is_evaluated_with_the_task_ids_it_was_trained_wit
 
 def test_an_elrea_ensemble_is_not_merged(tiny_trainable):
     from badit import add_adapters, merge_adapters
-    from model import load_model
+    from hf import load_model
 
     model = load_model(tiny_trainable, device="cpu", dtype=torch.float32)
     add_adapters(model, "elrea", members=3)

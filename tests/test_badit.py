@@ -12,7 +12,8 @@ from badit import (METHODS, accumulate_regroup_signal, add_adapters, adapters_of
                    merge_adapters, orthogonal_targets, permutation_in_place, regroup, routed_adapters, save_adapters,
                    spherical_kmeans)
 from conftest import left_padded_batch
-from model import generate, load_model
+from hf import load_model
+from model import generate
 
 LENGTHS = [11, 7, 9]
 TASKS = torch.tensor([0, 2, 1])

@@ -14,7 +14,7 @@ import train
 from badit import GainLoRA, TaskGates, adapters_of, add_adapters, load_adapters
 from conftest import interrupt_at
 from data import encode_examples, load_tasks
-from model import load_model, load_tokenizer
+from hf import load_model, load_tokenizer
 from test_train import FAST, log_of, losses, run
 
 TWO = ["--tasks", "sort_ascending,copy_words"]  # two tasks with different inputs

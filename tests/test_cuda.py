@@ -13,7 +13,8 @@ import torch
 import train
 from badit import METHODS, add_adapters, spherical_kmeans
 from conftest import ROOT, hf_model, interrupt_at, left_padded_batch
-from model import generate, load_model
+from hf import load_model
+from model import generate
 from test_badit import planted
 from test_model import LENGTHS
 from test_train import FAST, adapter_state_of, log_of, losses, one_step_keeps_float32_state

@@ -9,7 +9,7 @@ import pytest
 from conftest import FIXTURE
 from data import (CLASSROOM, CLASSROOM_TASKS, PROMPT, batch_order, classroom_task, collate, encode_examples,
                   export_classroom, format_prompt, list_tasks, load_tasks, read_task)
-from model import load_tokenizer
+from hf import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import ROOT, hf_positions, left_pad, superni_prompts
-from model import generate, load_model, load_tokenizer, read_model_args
+from hf import load_model, load_tokenizer, read_model_args
+from model import generate
 
 GGUF_DIR, GGUF_FILE = ROOT / "checkpoints" / "gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -13,11 +13,13 @@ import torch.nn.functional as F
 
 import elrea
 import eval as evaluation
+import runs
 import train
 from badit import add_adapters, adapters_of, load_adapters, save_adapters
 from conftest import interrupt_at, left_padded_batch
 from data import CLASSROOM_TASKS, encode_examples, load_tasks
-from model import generate, load_model, load_tokenizer
+from hf import load_model, load_tokenizer
+from model import generate
 
 FAST = ["--data", "classroom", "--tasks", "sort_ascending,sort_descending,copy_words", "--limit", "8", "--batch-size", "4",
         "--epochs", "2", "--eval-limit", "3", "--max-new-tokens", "4", "--device", "cpu", "--dtype", "float32",
@@ -25,7 +27,7 @@ FAST = ["--data", "classroom", "--tasks", "sort_ascending,sort_descending,copy_w
 
 
 def lora_snapshots(path, folder: Path, steps=(2, 3)):
-    """A tiny float32 model with a LoRA and two epoch-end-like checkpoints written by train.save_checkpoint."""
+    """A tiny float32 model with a LoRA and two epoch-end-like checkpoints written by runs.save_checkpoint."""
     model = load_model(path, device="cpu", dtype=torch.float32)
     torch.manual_seed(0)
     add_adapters(model, "lora", dropout=0.0)
@@ -42,7 +44,7 @@ def lora_snapshots(path, folder: Path, steps=(2, 3)):
                 p.grad = torch.randn(p.shape)
             optimizer.step()
         snapshots.append(folder / f"epoch_{i + 1}")
-        train.save_checkpoint(model, optimizer, scheduler, dict(phase=0, epoch=i + 1, batch=0, step=n), snapshots[-1], 0, 1)
+        runs.save_checkpoint(model, optimizer, scheduler, dict(phase=0, epoch=i + 1, batch=0, step=n), snapshots[-1], 0, 1)
     return model, snapshots
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import FAMILIES, hf_model, hf_positions, left_padded_batch
-from model import generate, load_model
+from hf import load_model
+from model import generate
 
 LENGTHS = [21, 13, 17]  # longer than every sliding window and past llama3's original context
 

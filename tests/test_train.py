@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import eval as evaluation
+import runs
 import train
 from badit import METHODS, REGROUP_STATS, adapter_state
 from conftest import ROOT, interrupt_at
-from model import load_model
+from hf import load_model
 
 FAST = ["--data", "classroom", "--tasks", "sort_ascending,sort_descending", "--limit", "8", "--batch-size", "4",
         "--epochs", "2", "--lr", "1e-3", "--eval-limit", "2", "--max-new-tokens", "4", "--device", "cpu", "--dtype", "float32"]
@@ -102,7 +103,7 @@ def test_sigint_to_a_subprocess_leaves_a_loadable_checkpoint(tiny_trainable, tmp
     train.add_adapters(model, "badit", num_experts=6, rank=4, init=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    assert train.load_checkpoint(model, optimizer, scheduler, out / "checkpoint", 0, 0)["step"] == position["step"]
+    assert runs.load_checkpoint(model, optimizer, scheduler, out / "checkpoint", 0, 0)["step"] == position["step"]
     assert len(optimizer.state) == 3 * 3  # A, B and the router G of three layers
 
 
@@ -356,7 +357,7 @@ def test_no_import_cycles():
     no module imports one above it, not even inside a function."""
     import ast
 
-    layers = ["checks", "files", "data", "model", "badit", "continual", "elrea", "eval", "train", "study"]
+    layers = ["checks", "files", "data", "model", "hf", "badit", "continual", "elrea", "eval", "runs", "train", "study"]
     for i, name in enumerate(layers):
         file = ROOT / f"{name}.py"
         if not file.is_file():
@@ -371,7 +372,7 @@ def test_no_import_cycles():
 
 
 def native_cpu_bf16():
-    from model import native_bf16
+    from hf import native_bf16
 
     if native_bf16(torch.device("cpu")) is None:
         pytest.skip("this CPU has no native bf16 matrix instructions: the default there is float32")

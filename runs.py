@@ -1,0 +1,238 @@
+"""A run directory's mechanics, and the processes that share it (train.py's loop calls these).
+
+    check_out / claim_run_dir    what --out may be (files.py's rule: only a folder train.py made is ever emptied),
+                                 then the folder made, locked and marked before the first write
+    save_checkpoint / load_checkpoint / checkpoint_folder
+                                 checkpoint/: the adapter, AdamW, the schedule, the regroup signal, every rank's RNG
+                                 and the position; safetensors and JSON, never pickle; replaced as a whole
+    trim_log / logged_steps      log.jsonl after a crash between checkpoints
+    check_same_data              --resume refuses data that changed since the run began
+    setup_distributed / all_reduce_gradients
+                                 torchrun: one process per device, gloo on CPU, nccl on GPU
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from badit import routed_adapters, save_adapters
+from checks import InputError
+from files import (MARKER, atomic_write, check_writable_path, contents, empty_folder, inside, kind_of, lock_folder, mark,
+                   read_json, read_jsonl, read_safetensors)
+from hf import resolve_device
+
+
+class Stop(Exception):
+    """Training must stop: Ctrl-C (a checkpoint was saved, exit code 130), a non-finite loss or a failed
+    checkpoint write (1)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ----------------------------------------------------------------------------------------------
+# The run directory
+
+
+def check_out(args):
+    """Refuse an --out that this run may not write to, before anything is written (files.py's rule: train.py
+    only ever empties a folder it made, which carries its marker, and never the one holding --model)."""
+    run_dir = Path(args.out)
+    check_writable_path(run_dir, "--out")
+    if Path(args.model).is_dir() and inside(args.model, run_dir):
+        raise InputError(f"--out {run_dir} holds the model in use (--model {args.model}): a run there could delete "
+                         f"it; choose another --out.")
+    kind = kind_of(run_dir)
+    if args.resume:
+        if kind not in (None, "run"):
+            raise InputError(f"--out {run_dir} is a {kind}, not a run: --resume continues a run directory of train.py.")
+        return
+    if not contents(run_dir):
+        return
+    if kind is None and (run_dir / "config.json").is_file() and (run_dir / "log.jsonl").is_file():
+        raise InputError(f"{run_dir} holds a run made before run directories were marked (no {MARKER}): continue it "
+                         f"with `python train.py --out {run_dir} --resume`, or delete it yourself to reuse the folder.")
+    if kind != "run":
+        raise InputError(f"{run_dir} is not empty and holds no run of train.py"
+                         + (f" (it is a {kind})" if kind else "") + "; choose another --out.")
+    if not args.overwrite and progressed(run_dir):
+        raise InputError(f"{run_dir} already holds a run: continue it with `python train.py --out {run_dir} --resume`, "
+                         f"replace it with --overwrite, or choose another --out.")
+
+
+def progressed(run_dir: Path) -> bool:
+    """Whether a run got past its first optimizer step anywhere (a task, a phase, an ELREA stage)."""
+    return (any(run_dir.rglob("trainer.json")) or any(run_dir.rglob("adapter.safetensors"))
+            or any("loss" in e for log in run_dir.rglob("log.jsonl") for e in read_jsonl(log)))
+
+
+def claim_run_dir(args, rank: int):
+    """Rank 0 makes and locks the run directory (check_out has cleared it) and marks it as a run; --overwrite
+    empties it, and so does a new command on a run that never finished a step (it restarts with the new
+    flags). -> the lock (keep it)."""
+    run_dir = Path(args.out)
+    if rank != 0:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(run_dir, "train.py", "--out")
+    try:
+        check_out(args)  # again, under the lock
+        if not args.resume and contents(run_dir):
+            if not args.overwrite:
+                print(f"{run_dir} holds a run that never finished a step: it restarts with this command's flags.")
+            empty_folder(run_dir, "run", "--out")
+        mark(run_dir, "run", "train.py")
+    except BaseException:
+        if lock:
+            lock.close()
+        raise
+    return lock
+
+
+def check_same_data(args, now: dict):
+    """--resume refuses data that changed since the run began (another file, a tokenizer, a task), naming it."""
+    saved = getattr(args, "data_fingerprint", None)
+    if saved is None:
+        print(f"note: {args.out} was made before runs recorded their data's fingerprint: the data is not checked.")
+        return
+    changed = []
+    for split in ("train", "test"):
+        for task in sorted(set(saved[split]) | set(now[split])):
+            was, new = saved[split].get(task), now[split].get(task)
+            if was != new:
+                changed.append(f"{split} {task}: " + ("gone" if new is None else "new" if was is None else
+                               f"{was['examples']} -> {new['examples']} examples" if was["examples"] != new["examples"]
+                               else "the examples differ (their text, or the tokenizer)"))
+    if changed:
+        raise InputError(f"{args.out} was trained on other data than --data {args.data} holds now ({'; '.join(changed[:4])}"
+                         f"{f'; and {len(changed) - 4} more' if len(changed) > 4 else ''}): a resumed run would mix them. "
+                         f"Restore the data the run began with, or start a new run (another --out, or --overwrite).")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: safetensors for tensors, JSON for the rest, never pickle. A checkpoint is written to
+# checkpoint.new/ and then renamed over checkpoint/ (the old one goes to checkpoint.old/ for the
+# instant between the two renames), so a failed write leaves the previous checkpoint whole.
+
+DAMAGED = "the checkpoint is damaged; restore the run directory from a copy, or start again with --overwrite"
+DAMAGED_RUN = "the run directory is damaged; restore it from a copy, or start again with --overwrite"
+
+
+def checkpoint_folder(ckpt: Path) -> Path | None:
+    """The last complete checkpoint: ckpt, or ckpt.old after a crash between the two renames, or None."""
+    for folder in (ckpt, ckpt.with_name(ckpt.name + ".old")):
+        if (folder / "trainer.json").is_file():
+            return folder
+    return None
+
+
+def save_checkpoint(model, optimizer, scheduler, position: dict, ckpt: Path, rank: int, world: int):
+    """Every rank's RNG state, and (rank 0) the adapter, optimizer, scheduler, regroup signal and position."""
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    ranks = [rng]
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, rng)
+    if rank == 0:
+        opt = optimizer.state_dict()
+        tensors = {f"optimizer.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
+        for name, a in routed_adapters(model).items():
+            if hasattr(a, "signal_sum"):
+                tensors[f"signal.{name}.sum"], tensors[f"signal.{name}.last"] = a.signal_sum, a.signal_last
+        tensors |= {f"rng.{kind}.{r}": state for r, states in enumerate(ranks) for kind, state in states.items()}
+        state = {**position, "world": world, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict()}
+        new, old = ckpt.with_name(ckpt.name + ".new"), ckpt.with_name(ckpt.name + ".old")
+        shutil.rmtree(new, ignore_errors=True)
+        try:
+            new.mkdir(parents=True)
+            save_adapters(model, new)
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, new / "trainer.safetensors")
+            (new / "trainer.json").write_text(json.dumps(state, indent=1))
+        except OSError as e:
+            shutil.rmtree(new, ignore_errors=True)
+            last = f"the previous checkpoint in {ckpt} is intact" if checkpoint_folder(ckpt) else "no checkpoint was written yet"
+            raise Stop(f"could not write the checkpoint ({e}); {last}: free disk space and continue with "
+                       f"`python train.py --out {ckpt.parent} --resume`.", exit_code=1) from None
+        if ckpt.exists():
+            ckpt.rename(old)
+        new.rename(ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(model, optimizer, scheduler, folder: Path, rank: int, seed: int) -> dict:
+    """Restore what save_checkpoint wrote (the adapter itself is loaded by attach_adapters); -> position."""
+    state = read_json(folder / "trainer.json", DAMAGED)
+    tensors = read_safetensors(folder / "trainer.safetensors", DAMAGED)
+    device = model.lm_head.weight.device
+    opt_state = {}
+    for key, v in tensors.items():
+        if key.startswith("optimizer."):
+            _, i, k = key.split(".", 2)
+            opt_state.setdefault(int(i), {})[k] = v if k == "step" else v.to(device)
+    groups = [{**g, "betas": tuple(g["betas"])} for g in state.pop("param_groups")]
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    scheduler.load_state_dict(state.pop("scheduler"))
+    for name, a in routed_adapters(model).items():
+        if f"signal.{name}.sum" in tensors:
+            a.register_buffer("signal_sum", tensors[f"signal.{name}.sum"].to(device), persistent=False)
+            a.register_buffer("signal_last", tensors[f"signal.{name}.last"].to(device), persistent=False)
+    if f"rng.cpu.{rank}" in tensors:  # each rank continues its own dropout stream
+        torch.set_rng_state(tensors[f"rng.cpu.{rank}"])
+        if f"rng.cuda.{rank}" in tensors and device.type == "cuda":
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"])
+    else:
+        print(f"rank {rank}: {folder} was written by {state.get('world', '?')} process(es); this rank's dropout "
+              f"continues from a new seed, so the run will differ from an uninterrupted one.")
+        torch.manual_seed(seed + 1000 * (rank + 1) + state["step"])
+    return state
+
+
+def logged_steps(file: Path, phase: int) -> int:
+    return sum(1 for e in read_jsonl(file) if "loss" in e and e["phase"] == phase)
+
+
+def trim_log(file: Path, phase: int, step: int):
+    """Drop log lines written after the checkpoint (a crash between checkpoints), so steps are not repeated,
+    and a last line torn by a kill during its write."""
+    if file.is_file():
+        keep = [e for e in read_jsonl(file) if (e["phase"], e["step"]) <= (phase, step)]
+        atomic_write(file, lambda f: Path(f).write_text("".join(json.dumps(e) + "\n" for e in keep)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes (torchrun)
+
+
+def setup_distributed(args):
+    """(rank, world size, device). Under torchrun: one process per device, gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        if world > 1:
+            device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))  # rank 0 evaluates alone
+    return rank, world, device
+
+
+def all_reduce_gradients(params):
+    """Sum the gradients over ranks, in one flat buffer (the adapters are small)."""
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
