@@ -314,12 +314,7 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=8, rank
         raise InputError("cgc needs num_tasks (the number of tasks, each with its own specific experts).")
     if method in BRANCH_METHODS:
         num_tasks = num_tasks or 1  # a branch per continual task; one in mtl and single
-    if top_k is not None and method != "loramoe":
-        why = ("with SVD experts the tied gates at step 0 would drop all but k experts and the model would not start "
-               "at its own function (SPEC section 4)" if method in SVD_METHODS else f"{method} has no router")
-        raise InputError(f"--top-k is for loramoe only: {why}. Leave --top-k out for {method}.")
-    if top_k is not None and not 1 <= top_k <= num_experts:
-        raise InputError(f"--top-k {top_k} must be between 1 and --num-experts ({num_experts}).")
+    check_top_k(method, top_k, num_experts)
     names = check_adapters(model, method, targets, num_experts, rank, lora_rank)
     lora_rank = lora_rank or num_experts * rank
     config = dict(method=method, targets=list(targets), num_experts=num_experts, rank=rank, alpha=alpha, dropout=dropout,
@@ -359,6 +354,16 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=8, rank
           f"parameters, active rank {config['active_rank']} per example", file=sys.stderr)  # stdout: a command's output
     model.adapter_config = config
     return config
+
+
+def check_top_k(method: str, top_k: int | None, num_experts: int):
+    """Sparse routing (SPEC section 4): loramoe only, and 1 <= k <= K (train.py checks it too, before any run)."""
+    if top_k is not None and method != "loramoe":
+        why = ("with SVD experts the tied gates at step 0 would drop all but k experts and the model would not start "
+               "at its own function (SPEC section 4)" if method in SVD_METHODS else f"{method} has no router")
+        raise InputError(f"--top-k is for loramoe only: {why}. Leave --top-k out for {method}.")
+    if top_k is not None and not 1 <= top_k <= num_experts:
+        raise InputError(f"--top-k {top_k} must be between 1 and --num-experts ({num_experts}).")
 
 
 def check_adapters(model, method: str, targets, num_experts: int, rank: int, lora_rank: int | None) -> list[str]:

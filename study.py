@@ -33,7 +33,7 @@ from tqdm import tqdm
 from badit import ADAPTERS
 from checks import InputError, command, names, positive_int
 from data import CLASSROOM, SUPERNI
-from eval import continual_metrics, maybe_plot
+from eval import colla, continual_metrics, maybe_plot
 from files import (atomic_write, check_writable_path, contents, empty_folder, kind_of, lock_folder, mark, read_json,
                    read_jsonl)
 from runs import progressed
@@ -499,7 +499,9 @@ def summarise(results: Path) -> dict:
              "seconds": [mtl[s].get("seconds") for s in sorted(mtl) if mtl[s].get("seconds")]}
         if single:
             r["single_average"] = [single[s]["metrics_test"]["rougeL"] for s in sorted(single)]
-            r["colla"] = [mtl[s]["metrics_test"]["rougeL"] - single[s]["metrics_test"]["rougeL"] for s in sorted(mtl) if s in single]
+            r["colla"] = [colla(mtl[s]["metrics_test"]["rougeL"], {t: v["rougeL"] for t, v in
+                                                                  single[s]["metrics_test"]["per_task"].items()})
+                          for s in sorted(mtl) if s in single]
         regroups = [c["curve"]["regroups"] for c in mtl.values() if c.get("curve", {}).get("regroups")]
         if regroups:
             r["regroups"] = [{k: [g[i][k] for g in regroups] for k in regroups[0][0]} for i in range(len(regroups[0]))]

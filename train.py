@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 import continual
 import elrea
-from badit import (BRANCH_METHODS, METHODS, REGROUP_STATS, accumulate_regroup_signal, add_adapters, check_adapters, load_adapters, regroup,
-                   reset_regroup_signal, save_adapters)
+from badit import (BRANCH_METHODS, METHODS, REGROUP_STATS, accumulate_regroup_signal, add_adapters, check_adapters, check_top_k,
+                   load_adapters, regroup, reset_regroup_signal, save_adapters)
 from checks import METHOD_FLAGS, InputError, check_method_flags, command, names, number, positive_int
 from data import (CLASSROOM, SUPERNI, answer_loss, batch_order, collate, encode_examples, fingerprint, list_tasks, load_tasks,
                   task_order)
@@ -161,8 +161,7 @@ def parse_args(argv=None):
         return resumed_args(p, args, argv)
 
     check_method_flags(args.method, {f for f in METHOD_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None})
-    if args.top_k is not None and args.top_k > args.num_experts:
-        p.error(f"--top-k {args.top_k} must be at most --num-experts ({args.num_experts}).")
+    check_top_k(args.method, args.top_k, args.num_experts)
     if args.order is not None and args.setting != "continual":
         p.error(f"--order is for --setting continual only; --setting {args.setting} would ignore it.")
     if args.setting == "continual" and args.order is None:

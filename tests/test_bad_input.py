@@ -146,7 +146,7 @@ def refused(capsys, main, argv) -> str:
     (["--alpha", "0"], "argument --alpha"),
     (["--seed", "-1"], "argument --seed"),
     (["--method", "badit", "--top-k", "2"], "--top-k is for loramoe only"),
-    (["--method", "loramoe", "--top-k", "9"], "--top-k 9 must be at most --num-experts"),
+    (["--method", "loramoe", "--top-k", "9"], "--top-k 9 must be between 1 and --num-experts"),
     (["--method", "bdit"], "argument --method: invalid choice"),
     (["--order", "2"], "--order is for --setting continual only"),
     (["--tasks", "nope"], "classroom suite has no task 'nope'"),
