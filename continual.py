@@ -148,7 +148,8 @@ def features(model, examples, pad_id: int, t: int, batch_size: int = 8) -> dict:
     for name, a in branches(model, GainLoRA).items():
         def hook(module, inputs, name=name):
             x = inputs[0].float().flatten(0, 1)[tokens["mask"]]  # (real tokens, n)
-            sums[name] = sums.get(name, 0) + x.T @ x
+            with torch.autocast(x.device.type, enabled=False):  # the forward runs under bf16 autocast: sum in float32
+                sums[name] = sums.get(name, 0) + x.T @ x
         hooks.append(a.register_forward_pre_hook(hook))
     was_training = model.training
     model.eval()
