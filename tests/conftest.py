@@ -14,7 +14,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-FIXTURE = ROOT / "tests" / "fixtures" / "superni"  # three real tasks, a few instances each (its README)
 DEMO_DIR = Path(os.environ.get("BADIT_DEMO_MODEL", ROOT / "checkpoints" / "SmolLM2-135M-Instruct"))
 
 VOCAB = 96
@@ -102,10 +101,50 @@ def demo_model_dir():
     return DEMO_DIR
 
 
-def superni_prompts(root=FIXTURE, split="test", per_task=1):
-    """SPEC prompts of the first per_task instances of every task of a SuperNI root (default: the fixture)."""
+# A slice of the benchmark for the data tests: three tasks, a few instances each, cut at test time from the
+# benchmark given with --superni (or BADIT_SUPERNI), never copied into the project. Without it they are skipped.
+SLICE = {  # task -> instances of train (first n; glucose: the first 16 with several outputs, then 4 with one), dev, test
+    "task002_quoref_answer_generation": (6, 2, 4),
+    "task591_sciq_answer_generation": (8, 2, 4),
+    "task748_glucose_reverse_cause_event_detection": (None, 2, 6),
+}
+_SOURCE, _SLICE_DIR = [], []
+
+
+def pytest_configure(config):
+    _SOURCE.append(config.getoption("--superni") or os.environ.get("BADIT_SUPERNI"))
+
+
+def superni_slice() -> Path:
+    """The slice's folder (SuperNI layout), cut once per session; skips the calling test without the benchmark."""
+    import json
+    import tempfile
+
+    if _SLICE_DIR:
+        return _SLICE_DIR[0]
+    source = _SOURCE[0] if _SOURCE else None
+    if not source or not Path(source).is_dir():
+        pytest.skip("needs the SuperNI tasks: `python data.py --download superni`, then "
+                    "pytest --superni=$HOME/.cache/badit/superni (or BADIT_SUPERNI=DIR)")
+    out = Path(tempfile.mkdtemp(prefix="badit-superni-slice-"))
+    for task, counts in SLICE.items():
+        (out / task).mkdir()
+        for split, n in zip(("train", "dev", "test"), counts):
+            data = json.loads((Path(source) / task / f"{split}.json").read_text(encoding="utf-8"))
+            data["Positive Examples"], data["Negative Examples"] = data["Positive Examples"][:1], []
+            inst = data["Instances"]
+            data["Instances"] = inst[:n] if n else ([i for i in inst if len(i["output"]) > 1][:16]
+                                                    + [i for i in inst if len(i["output"]) == 1][:4])
+            (out / task / f"{split}.json").write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+    _SLICE_DIR.append(out)
+    return out
+
+
+def superni_prompts(root=None, split="test", per_task=1):
+    """SPEC prompts of the first per_task instances of every task of a SuperNI root (default: the slice)."""
     from data import format_prompt, list_tasks, read_task
 
+    root = root or superni_slice()
     return [format_prompt(t.definition, inst["input"]) for t in (read_task(root, name, split) for name in list_tasks(root))
             for inst in t.instances[:per_task]]
 

@@ -1,4 +1,4 @@
-"""data.py on real SuperNI instances (the fixture tests/fixtures/superni: three tasks, a few instances each):
+"""data.py on real SuperNI instances (conftest.superni_slice: three tasks, a few instances each, cut from --superni):
 the prompt, label masks, truncation, output choice, batching, the classroom suite, the errors bad data
 gives, and the benchmark's download against a local server."""
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import FIXTURE
+from conftest import superni_slice
 from data import (CLASSROOM, CLASSROOM_TASKS, PROMPT, batch_order, classroom_task, collate, encode_examples,
                   export_classroom, format_prompt, list_tasks, load_tasks, read_task)
 from hf import load_tokenizer
@@ -19,8 +19,8 @@ def tok(demo_model_dir):
 
 def test_prompt_is_spec_exact(tok):
     assert PROMPT == "{definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
-    task = read_task(FIXTURE, "task591_sciq_answer_generation", "train")
-    with open(FIXTURE / "task591_sciq_answer_generation" / "train.json") as f:
+    task = read_task(superni_slice(), "task591_sciq_answer_generation", "train")
+    with open(superni_slice() / "task591_sciq_answer_generation" / "train.json") as f:
         raw = json.load(f)
     assert task.definition == " ".join(raw["Definition"])
     ex = encode_examples(tok, [task], [task.name], max_len=1024, seed=0)[0]
@@ -32,7 +32,7 @@ def test_prompt_is_spec_exact(tok):
 
 
 def test_long_inputs_are_shortened_at_the_end_only(tok):
-    task = read_task(FIXTURE, "task002_quoref_answer_generation", "train")  # paragraphs of 400-700 tokens
+    task = read_task(superni_slice(), "task002_quoref_answer_generation", "train")  # paragraphs of 400-700 tokens
     examples = encode_examples(tok, [task], [task.name], max_len=200, max_answer_len=10, seed=0)
     cut = 0
     for ex, inst in zip(examples, task.instances):
@@ -50,13 +50,13 @@ def test_long_inputs_are_shortened_at_the_end_only(tok):
 
 
 def test_definition_too_long_for_max_len(tok):
-    task = read_task(FIXTURE, "task748_glucose_reverse_cause_event_detection", "train")  # a definition of ~90 tokens
+    task = read_task(superni_slice(), "task748_glucose_reverse_cause_event_detection", "train")  # a definition of ~90 tokens
     with pytest.raises(ValueError, match=r"task748_glucose_reverse_cause_event_detection/train.json: the 'Definition'.*raise --max-len"):
         encode_examples(tok, [task], [task.name], max_len=120)
 
 
 def test_seeded_output_choice_and_references(tok):
-    task = read_task(FIXTURE, "task748_glucose_reverse_cause_event_detection", "train")
+    task = read_task(superni_slice(), "task748_glucose_reverse_cause_event_detection", "train")
     task.instances = [i for i in task.instances if len(i["output"]) > 1]
     assert len(task.instances) == 16
     pick = lambda seed: [tok.decode(e.answer_ids[:-1]) for e in encode_examples(tok, [task], [task.name], seed=seed)]  # noqa: E731
@@ -68,7 +68,7 @@ def test_seeded_output_choice_and_references(tok):
 
 
 def test_collate_masks_and_task_ids(tok):
-    tasks = load_tasks(FIXTURE, ["task591_sciq_answer_generation", "task748_glucose_reverse_cause_event_detection"], "train", limit=3)
+    tasks = load_tasks(superni_slice(), ["task591_sciq_answer_generation", "task748_glucose_reverse_cause_event_detection"], "train", limit=3)
     names = ["task748_glucose_reverse_cause_event_detection", "task591_sciq_answer_generation"]
     examples = encode_examples(tok, tasks, names, max_len=256)
     x = collate(examples, tok.pad_token_id)
@@ -82,7 +82,7 @@ def test_collate_masks_and_task_ids(tok):
 
 
 def test_batch_order_is_a_seeded_partition_and_groups_lengths(tok):
-    tasks = load_tasks(FIXTURE, list_tasks(FIXTURE), "train")  # 34 examples of 3 tasks, 20 to 700 tokens
+    tasks = load_tasks(superni_slice(), list_tasks(superni_slice()), "train")  # 34 examples of 3 tasks, 20 to 700 tokens
     examples = encode_examples(tok, tasks, [t.name for t in tasks], max_len=512)
     grouped = batch_order(examples, 4, seed=0, epoch=0, group_by_length=True)
     assert sorted(i for b in grouped for i in b) == list(range(len(examples)))
@@ -246,22 +246,22 @@ class Server:
 def fixture_manifest():
     from data import sha256
 
-    return {f"{p.parent.name}/{p.name}": sha256(p) for p in sorted(FIXTURE.glob("*/*.json"))}
+    return {f"{p.parent.name}/{p.name}": sha256(p) for p in sorted(superni_slice().glob("*/*.json"))}
 
 
 def test_the_download_checks_every_file_and_fetches_only_what_is_missing(tmp_path):
     from data import download_superni
 
-    files, server = fixture_manifest(), Server(FIXTURE)
+    files, server = fixture_manifest(), Server(superni_slice())
     try:
         dest = download_superni(tmp_path / "cache", server.url, files)
         assert sorted(server.requests) == sorted(files) and len(files) == 9
-        assert all((dest / name).read_bytes() == (FIXTURE / name).read_bytes() for name in files)
+        assert all((dest / name).read_bytes() == (superni_slice() / name).read_bytes() for name in files)
         (dest / "task591_sciq_answer_generation" / "dev.json").unlink()  # a download stopped before its end
         server.requests.clear()
         download_superni(dest, server.url, files)
         assert server.requests == ["task591_sciq_answer_generation/dev.json"]  # the verified files are not fetched again
-        assert list_tasks(dest) == list_tasks(FIXTURE)
+        assert list_tasks(dest) == list_tasks(superni_slice())
     finally:
         server.close()
 
@@ -271,7 +271,7 @@ def test_a_corrupted_or_cut_download_leaves_no_file_behind(tmp_path, fault, mess
     from data import download_superni
 
     name = "task002_quoref_answer_generation/train.json"
-    files, server = fixture_manifest(), Server(FIXTURE, **{fault: [name]})
+    files, server = fixture_manifest(), Server(superni_slice(), **{fault: [name]})
     try:
         with pytest.raises(ValueError, match=message) as refusal:
             download_superni(tmp_path / "cache", server.url, files)
