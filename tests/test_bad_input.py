@@ -401,7 +401,12 @@ def test_a_torn_last_log_line_is_dropped_on_resume(tiny_trainable, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "the last line is incomplete" in resumed.stderr
     losses = lambda out: [(e["step"], e["loss"]) for e in files.read_jsonl(out / "log.jsonl") if "loss" in e]  # noqa: E731
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    # The log holds the full run's steps once each. Bitwise equality of a resumed run is test_train's (in-process,
+    # the same badit schedule); here one CI run saw the last bit of step 6 differ (5.3174815 against 5.3174820),
+    # not reproduced in 26 reruns of these three processes, so the losses are compared to float32 rounding.
+    cut, full = losses(tmp_path / "cut"), losses(tmp_path / "full")
+    assert [s for s, _ in cut] == [s for s, _ in full]
+    assert [v for _, v in cut] == pytest.approx([v for _, v in full], rel=1e-6)
     lines = (tmp_path / "cut" / "log.jsonl").read_text().splitlines()
     (tmp_path / "cut" / "log.jsonl").write_text("\n".join(lines[:2] + ['{"torn'] + lines[2:]) + "\n")
     damaged = run_cli("train.py", "--out", tmp_path / "cut", "--resume")
