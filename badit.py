@@ -32,6 +32,7 @@ for lora and pissa, and merging (cgc per task).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -50,6 +51,70 @@ METHODS = ("lora", "pissa", "loramoe", "badit-noregroup", "badit", "cgc", "o-lor
 BRANCH_METHODS = ("o-lora", "gainlora")  # a branch per continual task (continual.py)
 ADAPTERS = METHODS + ("elrea",)  # elrea's adapter: the ensemble that elrea.py's pipeline assembles
 SVD_METHODS = ("pissa", "badit-noregroup", "badit")
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing: what the adapters know of the batch (SPEC section 4)
+
+
+class Routing:
+    """The router's data flow, from the prompt mask to the gate decoding reuses (SPEC section 4).
+
+    1. data.collate marks each example's prompt: `route` (B, L) is 1 on the prompt's tokens, 0 on the
+       answer and the padding (a router that saw the answer would route on what it is asked to produce).
+    2. train.py and eval.py pass it to the model as route_mask; generate passes the prompt's attention mask.
+    3. Transformer.forward, on a new batch (nothing cached yet: training, scoring, prefill), calls
+       begin(route_mask, task_ids, input embeddings); on a decoding step, decoding().
+    4. A routed adapter (MoE, GainLoRA) has a KeptGate from keep(). On a new batch its `coefficients`
+       computes the gate from the masked mean of its own input (MoE) or of the embeddings (GainLoRA) and
+       keeps it there; on a decoding step it returns the kept gate. CGC and the ELREA ensemble read task_ids.
+    5. generate's prefill runs the prompts in groups of similar length, each a new batch, and join()s
+       each slot's gates over the groups, so that decoding reuses one gate per row.
+
+    One instance per model (`model.routing`, made by add_adapters, held by its adapters): two models in
+    one process never see each other's batch. It stays set after forward returns, so that activation
+    checkpointing recomputes the same gates in backward.
+    """
+
+    def __init__(self):
+        self.mask: torch.Tensor | None = None  # (B, L) the positions a router averages over; None while decoding
+        self.task_ids: torch.Tensor | None = None  # (B,) CGC's task, or the ELREA member a row runs
+        self.embeddings: torch.Tensor | None = None  # (B, L, dim) the model's input embeddings (GainLoRA)
+        self.kept: list[KeptGate] = []  # one per routed adapter
+
+    def keep(self) -> KeptGate:
+        self.kept.append(KeptGate())
+        return self.kept[-1]
+
+    def begin(self, mask: torch.Tensor, task_ids: torch.Tensor | None, embeddings: torch.Tensor):
+        self.mask, self.task_ids, self.embeddings = mask, task_ids, embeddings
+
+    def decoding(self):
+        self.mask = None
+
+    def gates(self) -> list:
+        return [k.gate for k in self.kept]
+
+    def join(self, groups: list[list], task_ids: torch.Tensor | None):
+        """prefill: the gates() of its row groups, in order -> each adapter's gate over all rows, for decoding."""
+        for k, gates in zip(self.kept, zip(*groups)):
+            k.gate = torch.cat(gates)
+        self.task_ids = task_ids
+
+    def __deepcopy__(self, memo):  # a copied model starts with no batch; its adapters keep their own gates
+        copied = Routing()
+        copied.kept = [copy.deepcopy(k, memo) for k in self.kept]
+        return copied
+
+
+class KeptGate:
+    """A routed adapter's gate (B, N) for the current sequences: an object of its own, not an entry in a
+    list or dict keyed by layer, so that every decoder layer looks the same to torch.compile."""
+
+    gate: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo):  # the gate holds an autograd graph: a copy starts empty
+        return KeptGate()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,12 +167,12 @@ class MoE(Adapter):
 
     def __init__(self, base, num_experts, rank, alpha, dropout, routing, top_k=None):
         super().__init__(base, num_experts * rank, rank, alpha, dropout)
-        self.num_experts, self.top_k, self.routing = num_experts, top_k, routing
+        self.num_experts, self.top_k, self.routing, self.kept = num_experts, top_k, routing, routing.keep()
         self.G = nn.Parameter(torch.zeros(num_experts, base.weight.shape[1], device=base.weight.device))  # K x n
 
     def coefficients(self, x):
         if self.routing.mask is None:  # decoding: the gate computed at prefill
-            return self.routing.gates[self]
+            return self.kept.gate
         with torch.autocast(x.device.type, enabled=False):  # the router in float32 (SPEC section 8)
             m = self.routing.mask.float()[..., None]  # (B, L, 1)
             xbar = (x.float() * m).sum(1) / m.sum(1).clamp(min=1)  # (B, n) masked mean over the prompt
@@ -116,7 +181,7 @@ class MoE(Adapter):
             kept = torch.zeros_like(g).scatter(1, g.topk(self.top_k, dim=-1).indices, 1.0)
             g = g * kept / (g * kept).sum(-1, keepdim=True)
         c = (self.num_experts * g).repeat_interleave(self.rank, dim=1)  # (B, N); 1 when uniform
-        self.routing.gates[self] = c
+        self.kept.gate = c
         return c
 
 
@@ -201,17 +266,17 @@ class GainLoRA(TaskBranches):
     def __init__(self, base, num_tasks, lora_rank, rank, alpha, dropout, routing, gates):
         super().__init__(base, num_tasks, lora_rank, rank, alpha, dropout, train_A=False)
         n = base.weight.shape[1]
-        self.routing, self._gates = routing, (gates,)  # a tuple: the gates are registered once, on the model
+        self.routing, self.kept, self._gates = routing, routing.keep(), (gates,)  # a tuple: registered once, on the model
         self.register_buffer("basis", torch.zeros(n, n, device=base.weight.device))
         self.register_buffer("basis_size", torch.zeros((), dtype=torch.long, device=base.weight.device))
 
     def coefficients(self, x):
         if self.routing.mask is None:  # decoding: the gate computed at prefill
-            return self.routing.gates[self]
+            return self.kept.gate
         a = self._gates[0](self.routing.embeddings, self.routing.mask)  # (B, T)
         a = a * (torch.arange(self.num_tasks, device=a.device) <= self.task)
         c = a.repeat_interleave(self.lora_rank, dim=1)  # (B, N)
-        self.routing.gates[self] = c
+        self.kept.gate = c
         return c
 
 
@@ -322,6 +387,7 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=8, rank
                   members=members)
 
     model.requires_grad_(False)
+    model.routing = model.routing or Routing()
     for name in tqdm(names, desc=f"{method} adapters", unit="layer", disable=not init or method not in SVD_METHODS):
         parent, _, leaf = name.rpartition(".")
         base = model.get_submodule(name)
@@ -825,7 +891,7 @@ def remove_adapters(model):
         setattr(model.get_submodule(parent), leaf, a.base)
     if hasattr(model, "task_gates"):
         del model.task_gates
-    model.adapter_config = None
+    model.adapter_config, model.routing = None, None
     return model
 
 

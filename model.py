@@ -91,35 +91,6 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
 # The model
 
 
-class Routing:
-    """What the adapters of badit.py need about the current batch beyond their input (SPEC section 4).
-
-    One instance per model (`model.routing`), written by `Transformer.forward` and read by the
-    adapted linears, which hold a reference to it: no global state, so two models in one process
-    never see each other's batch. It stays set after forward returns, so that activation
-    checkpointing recomputes the same gates during backward.
-      mask:     (B, L) 1 on the positions a router averages over (the prompt); None while decoding
-                with a KV cache, when each adapter reuses the gate it stored in `gates` at prefill.
-      task_ids: (B,) an index per sequence: CGC-LoRA's task (its per-task gate), or the member of ELREA's
-                ensemble that the row runs; or None.
-      gates:    adapter -> gate computed for the current sequences.
-      embeddings: (B, L, dim) the input embeddings of the current sequences (GainLoRA's gates pool them
-                over the prompt, once for the whole model, where a router pools its own layer's input).
-    """
-
-    def __init__(self):
-        self.mask: torch.Tensor | None = None
-        self.task_ids: torch.Tensor | None = None
-        self.gates: dict = {}
-        self.embeddings: torch.Tensor | None = None
-
-    def begin(self, mask: torch.Tensor, task_ids: torch.Tensor | None):
-        self.mask, self.task_ids, self.gates, self.embeddings = mask, task_ids, {}, None
-
-    def __deepcopy__(self, memo):  # a copied model starts with no batch (the gates hold autograd graphs)
-        return Routing()
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, add_one: bool = False):
         super().__init__()
@@ -143,11 +114,10 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.length = 0  # positions filled; advanced by Transformer.forward after all layers
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        end = self.length + k.size(2)
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def layer(self, i: int):
+        """What decoder layer i writes into and reads: (keys, values, positions filled), no index, so that
+        every layer traces the same code (a compiled layer is compiled once, not once per layer)."""
+        return self.k[i], self.v[i], self.length
 
     def rows(self, start: int, end: int) -> "KVCache":
         """The cache of rows start .. end - 1 (views: what a forward writes there lands in this cache)."""
@@ -185,7 +155,7 @@ def attention(q, k, v, mask, scale: float, softcap: float | None):
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.scale = args.attn_scale or args.head_dim**-0.5
         self.softcap = args.attn_softcap
         self.window = args.sliding_window if args.sliding_layers[layer] else None
@@ -197,7 +167,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, cache: tuple | None):
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
@@ -207,8 +177,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, Hkv, T, hd) with T = past + L
+        if cache is not None:  # KVCache.layer: write the new positions, attend over all filled ones
+            keys, values, past = cache
+            keys[:, :, past : past + L], values[:, :, past : past + L] = k, v
+            k, v = keys[:, :, : past + L], values[:, :, : past + L]  # (B, Hkv, T, hd) with T = past + L
         y = attention(q, k, v, mask, self.scale, self.softcap)  # (B, H, L, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
 
@@ -289,8 +261,22 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
         self.windows = {layer.self_attn.window for layer in self.layers}  # one mask per distinct window
-        self.routing = Routing()
+        self.routing = None  # badit.Routing, once adapters are added: what they need of the batch (SPEC section 4)
         self.activation_checkpointing = False  # recompute each block in backward to save memory
+
+    def compile_layers(self, backend: str = "inductor"):
+        """torch.compile each decoder layer, whole (fullgraph: a graph break is an error) and with dynamic
+        shapes (batch and length symbolic, so that one graph serves every batch). The layers share their
+        compiled graphs: a layer's parameters, cache and kept gates are inputs to them, not constants baked in.
+        The loop over layers, the masks and the logits stay eager."""
+        # The kinds of call: grad or no grad, batch 1 or more, a new batch or a decoding step, a mask or the causal
+        # kernel, a window or none, an input that needs grad or not: 10 to 22 graphs on the tiny models of the
+        # tests, then no more, whatever the batches and lengths (tests/test_compile.py).
+        # No duck shaping: a batch of 2 beside 2 KV heads must not make one symbol of the two (and a graph for 2).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch.fx.experimental._config.use_duck_shape = False
+        for layer in self.layers:
+            layer.compile(backend=backend, fullgraph=True, dynamic=True)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.args, batch, max_len, self.lm_head.weight.device, self.lm_head.weight.dtype)
@@ -315,10 +301,6 @@ class Transformer(nn.Module):
         past = cache.length if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + L, dtype=torch.long, device=input_ids.device)
-        if past == 0:  # a new batch of sequences (training, scoring, or prefill): route on its prompt
-            self.routing.begin(attention_mask if route_mask is None else route_mask, task_ids)
-        else:  # decoding: every adapter reuses the gate it computed at prefill
-            self.routing.mask = None
 
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, L)
         freqs = positions[..., None].float() * self.inv_freq.float()  # (B, L, hd/2)
@@ -328,14 +310,17 @@ class Transformer(nn.Module):
         h = self.embed_tokens(input_ids)  # (B, L, dim)
         if self.args.embed_scale:
             h = h * torch.tensor(self.args.dim**0.5, dtype=h.dtype)
-        if past == 0:
-            self.routing.embeddings = h
+        if self.routing is not None and past == 0:  # a new batch (training, scoring, prefill): route on its prompt
+            self.routing.begin(attention_mask if route_mask is None else route_mask, task_ids, h)
+        elif self.routing is not None:  # decoding: every adapter reuses the gate it computed at prefill
+            self.routing.decoding()
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else cache.layer(i)
             if self.activation_checkpointing and self.training:
-                h = checkpoint(layer, h, cos, sin, masks, cache, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, masks, kv, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, masks, cache)
+                h = layer(h, cos, sin, masks, kv)
         if cache is not None:
             cache.length += L
 
@@ -420,7 +405,7 @@ def prefill(model, ids, mask, lengths, task_ids, cache, similar=0.8):
     on the right the attention is plain causal. Each group routes on its own prompts; their gates are
     then joined, so that decoding reuses them for every row."""
     B = len(ids)
-    logits, gates, start = [], {}, 0
+    logits, gates, start = [], [], 0
     while start < B:
         end = start + 1
         while end < B and lengths[end] >= similar * lengths[start]:
@@ -429,9 +414,9 @@ def prefill(model, ids, mask, lengths, task_ids, cache, similar=0.8):
         last = F.one_hot(lengths[start:end] - 1, longest).bool()  # (rows, longest): each row's last token
         logits.append(model(ids[start:end, :longest], mask[start:end, :longest], cache=cache.rows(start, end),
                             task_ids=None if task_ids is None else task_ids[start:end], logits_at=last))
-        for adapter, gate in model.routing.gates.items():
-            gates.setdefault(adapter, []).append(gate)
+        if model.routing is not None:
+            gates.append(model.routing.gates())
         start = end
-    model.routing.gates = {adapter: torch.cat(g) for adapter, g in gates.items()}
-    model.routing.task_ids = task_ids
+    if model.routing is not None:
+        model.routing.join(gates, task_ids)
     return torch.cat(logits)

@@ -5,7 +5,8 @@
     save_checkpoint / load_checkpoint / checkpoint_folder
                                  checkpoint/: the adapter, AdamW, the schedule, the regroup signal, every rank's RNG
                                  and the position; safetensors and JSON, never pickle; replaced as a whole
-    trim_log / logged_steps      log.jsonl after a crash between checkpoints
+    resume_phase                 --resume: the checkpoint restored, log.jsonl trimmed to it (a crash between checkpoints)
+    StopRequests                 the Ctrl-C protocol: a checkpoint at the end of the step, a second Ctrl-C stops at once
     check_same_data              --resume refuses data that changed since the run began
     setup_distributed / all_reduce_gradients
                                  torchrun: one process per device, gloo on CPU, nccl on GPU
@@ -16,12 +17,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from badit import routed_adapters, save_adapters
 from checks import InputError
@@ -196,6 +199,49 @@ def load_checkpoint(model, optimizer, scheduler, folder: Path, rank: int, seed: 
               f"continues from a new seed, so the run will differ from an uninterrupted one.")
         torch.manual_seed(seed + 1000 * (rank + 1) + state["step"])
     return state
+
+
+def resume_phase(model, optimizer, scheduler, run_dir: Path, phase: int, rank: int, seed: int) -> tuple[int, int, int]:
+    """--resume: restore the checkpoint if it is this phase's and trim log.jsonl to it -> (epoch, batch, step)
+    to continue from ((0, 0, 0): the phase starts over)."""
+    ckpt, position = run_dir / "checkpoint", (0, 0, 0)
+    folder = checkpoint_folder(ckpt)
+    if folder is not None:
+        saved = load_checkpoint(model, optimizer, scheduler, folder, rank, seed)
+        if saved["phase"] == phase:
+            position = saved["epoch"], saved["batch"], saved["step"]
+            if rank == 0:
+                print(f"resuming {run_dir} at epoch {position[0] + 1}, batch {position[1]}, step {position[2]}")
+    elif rank == 0 and (lost := logged_steps(run_dir / "log.jsonl", phase)):
+        print(f"no checkpoint in {ckpt} (the run stopped before its first epoch ended): the {lost} logged steps "
+              f"of this phase are discarded; it restarts at step 0.")
+    if rank == 0:
+        trim_log(run_dir / "log.jsonl", phase, position[2])
+    return position
+
+
+class StopRequests:
+    """The Ctrl-C protocol, around a phase: the first Ctrl-C (or SIGTERM) asks for a checkpoint at the end of
+    the step under way (`requested`; the loop agrees on it across ranks), a second stops at once."""
+
+    def __init__(self, rank: int):
+        self.rank, self.requested = rank, False
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def on_signal(self, signum, _):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.rank == 0:
+            tqdm.write(f"{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: saving a checkpoint after this step "
+                       f"(send it again to stop without saving) ...")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def logged_steps(file: Path, phase: int) -> int:

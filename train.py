@@ -24,6 +24,7 @@ AVX512-BF16 or AMX), float32 elsewhere; adapters, optimizer, router and loss are
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -48,8 +49,8 @@ from eval import continual_metrics, evaluate, markdown_table
 from files import atomic_write, read_json, write_json
 from hf import DEMO_MODEL, check_checkpoint, choose_dtype, load_model, load_tokenizer
 from model import Transformer
-from runs import (DAMAGED, DAMAGED_RUN, Stop, all_reduce_gradients, check_out, check_same_data, checkpoint_folder, claim_run_dir,
-                  load_checkpoint, logged_steps, save_checkpoint, setup_distributed, trim_log)
+from runs import (DAMAGED, DAMAGED_RUN, Stop, StopRequests, all_reduce_gradients, check_out, check_same_data, checkpoint_folder,
+                  claim_run_dir, resume_phase, save_checkpoint, setup_distributed)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -59,7 +60,7 @@ RECIPES = {
     "paper": dict(lr=2e-4, epochs=10, batch_size=8, max_len=1024),
     "classroom": dict(lr=1e-3, epochs=4, batch_size=8, max_len=256),
 }
-RESUMABLE_FLAGS = ("--out", "--resume", "--device")  # what --resume may be given; the rest is the saved config
+RESUMABLE_FLAGS = ("--out", "--resume", "--device", "--compile", "--no-compile")  # what --resume may be given
 
 
 def parse_args(argv=None):
@@ -146,6 +147,9 @@ def parse_args(argv=None):
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="base weights (default: bfloat16 with autocast where "
                    "the device has native bf16, CUDA or a CPU with AVX512-BF16 / AMX; float32 elsewhere); adapters, "
                    "optimizer, router and loss are float32 always")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each decoder layer "
+                   "(model.compile_layers: one graph per kind of call, no graph break); losses agree with eager's to "
+                   "bf16 rounding, not bitwise (default: off; on this project's CPU it is not faster)")
     g.add_argument("--eval", default="both", choices=["both", "after", "none"], help="evaluate on the test sets before "
                    "(the base model) and after training, after only, or not at all (default: %(default)s)")
     g.add_argument("--eval-batch-size", type=positive_int, default=64, help="prompts per generation batch (default: %(default)s)")
@@ -160,18 +164,33 @@ def parse_args(argv=None):
     if args.resume:
         return resumed_args(p, args, argv)
 
+    check_flags(p, args)
+    fill_defaults(p, args)
+    args.tasks = args.tasks or list_tasks(args.data)
+    if args.out is None:
+        args.out = str(ROOT / "runs" / f"{args.method}-{args.setting}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return args
+
+
+def check_flags(p, args):
+    """The flags that do not go together, before any default is filled in (so that a default is never refused)."""
     check_method_flags(args.method, {f for f in METHOD_FLAGS if getattr(args, f[2:].replace("-", "_")) is not None})
     check_top_k(args.method, args.top_k, args.num_experts)
     if args.order is not None and args.setting != "continual":
         p.error(f"--order is for --setting continual only; --setting {args.setting} would ignore it.")
-    if args.setting == "continual" and args.order is None:
-        args.order = 1
     if args.method in BRANCH_METHODS and args.setting == "continual" and args.weight_decay:
         p.error(f"--weight-decay {args.weight_decay} would shrink the frozen branches of the earlier tasks ({args.method} "
                 f"keeps them as they were trained); leave it at 0.")
     if args.method == "elrea" and args.setting == "continual":
         p.error("--setting continual is not defined for elrea: it is a multi-task method that clusters the whole "
                 "training set; use --setting mtl or single.")
+
+
+def fill_defaults(p, args):
+    """The recipe's defaults (classroom or the paper's, RECIPES) and the method's (SPEC sections 5, 6), then the
+    checks that need them."""
+    if args.setting == "continual" and args.order is None:
+        args.order = 1
     recipe = RECIPES["classroom" if args.data == CLASSROOM else "paper"]
     defaults = dict(regroup_until=0.5, regroup_signal="accumulated", clusters=5, proj_dim=8192, feature_epochs=2,
                     common_experts=max(args.num_experts - 2, 0), task_experts=2,  # SPEC sections 5, 6
@@ -179,18 +198,14 @@ def parse_args(argv=None):
     for key, value in {**recipe, **defaults}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.method == "elrea":
+        args.expert_lr = args.expert_lr or 0.4 * args.lr
     if args.method == "cgc" and args.common_experts + args.task_experts == 0:
         p.error("cgc needs at least one expert: --common-experts + --task-experts must be at least 1.")
     if args.max_len <= args.max_answer_len:
         p.error(f"--max-len {args.max_len} must exceed --max-answer-len {args.max_answer_len}: the prompt needs room.")
     if args.method == "elrea" and args.feature_epochs > args.epochs:
         p.error(f"--feature-epochs {args.feature_epochs} must be at most --epochs {args.epochs}.")
-    if args.method == "elrea":
-        args.expert_lr = args.expert_lr or 0.4 * args.lr
-    args.tasks = args.tasks or list_tasks(args.data)
-    if args.out is None:
-        args.out = str(ROOT / "runs" / f"{args.method}-{args.setting}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return args
 
 
 def resumed_args(p, args, argv):
@@ -208,7 +223,7 @@ def resumed_args(p, args, argv):
         raise InputError(f"{file} is not a train.py configuration (a Hugging Face model's config.json?): --out must be "
                          f"a run directory written by train.py.")
     return argparse.Namespace(**{**saved, "out": args.out, "device": args.device or saved.get("device"),
-                                 "resume": True, "overwrite": False})  # the run is where --out says, always
+                                 "compile": args.compile, "resume": True, "overwrite": False})  # the run is where --out says
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,36 +337,13 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, args.warmup))
     ckpt = run_dir / "checkpoint"
     reset_regroup_signal(model)  # SPEC section 5: the signal starts afresh with each phase
-    epoch, first_batch, step = 0, 0, 0
-    folder = checkpoint_folder(ckpt) if resume else None
-    if folder is not None:
-        position = load_checkpoint(model, optimizer, scheduler, folder, rank, args.seed)
-        if position["phase"] == phase:
-            epoch, first_batch, step = position["epoch"], position["batch"], position["step"]
-            if rank == 0:
-                print(f"resuming {run_dir} at epoch {epoch + 1}, batch {first_batch}, step {step}")
-    elif resume and rank == 0 and (lost := logged_steps(run_dir / "log.jsonl", phase)):
-        print(f"no checkpoint in {ckpt} (the run stopped before its first epoch ended): the {lost} logged steps "
-              f"of this phase are discarded; it restarts at step 0.")
-    if resume and rank == 0:
-        trim_log(run_dir / "log.jsonl", phase, step)
+    epoch, first_batch, step = resume_phase(model, optimizer, scheduler, run_dir, phase, rank, args.seed) if resume else (0, 0, 0)
     log = open(run_dir / "log.jsonl", "a") if rank == 0 else None
     if log:  # where this phase starts and how long it is (study.py's progress bar reads it)
         log.write(json.dumps(dict(phase=phase, step=step, total_steps=total)) + "\n")
-    interrupted = []
-
-    def on_ctrl_c(signum, _):  # the first Ctrl-C (or SIGTERM) asks for a checkpoint at the end of this step; a second stops at once
-        if interrupted:
-            raise KeyboardInterrupt
-        interrupted.append(True)
-        if rank == 0:
-            tqdm.write(f"{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}: saving a checkpoint after this step "
-                       f"(send it again to stop without saving) ...")
-
-    previous_handlers = {sig: signal.signal(sig, on_ctrl_c) for sig in (signal.SIGINT, signal.SIGTERM)}
     stopping = False  # a Ctrl-C seen by any rank, agreed through the all-reduce of the step's stats
     model.train()
-    try:
+    with StopRequests(rank) as ctrl_c, log or contextlib.nullcontext():
         while epoch < args.epochs:
             batches = batch_order(examples, args.batch_size, args.seed + 7919 * phase, epoch, args.group_by_length)
             bar = tqdm(total=len(batches), initial=first_batch, desc=f"epoch {epoch + 1}/{args.epochs}",
@@ -366,7 +358,7 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                 if reg is not None:  # O-LoRA's regulariser, once per step (summed over ranks: each adds 1 / world)
                     (reg / world).backward()
                 stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
-                                     torch.tensor(float(bool(interrupted)), device=device)])
+                                     torch.tensor(float(ctrl_c.requested), device=device)])
                 if world > 1:
                     all_reduce_gradients(params)
                     dist.all_reduce(stats)
@@ -407,11 +399,6 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
             if stopping:
                 raise Stop(f"interrupted after epoch {epoch}: checkpoint saved in {ckpt}; continue with "
                            f"`python train.py --out {run_dir} --resume`.", exit_code=130)
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-        if log:
-            log.close()
 
 
 def do_regroup(model, optimizer, args, world, log, phase, epoch, step):
@@ -592,6 +579,10 @@ def train_and_evaluate(args, tok, train, test, rank, world, device, start):
         print(args.precision)
 
     model = load_model(args.model, device=device, dtype=args.dtype)
+    if args.compile:
+        model.compile_layers()
+    if rank == 0:
+        print(f"torch.compile: {'on' if args.compile else 'off (--compile to compile each decoder layer)'}")
     before = None
     if args.eval == "both" and rank == 0:
         if (run_dir / "metrics_before.json").is_file():

@@ -8,7 +8,7 @@ both produced the same tokens (in float32 they must; bf16 rounding may flip a ne
 how much of the evaluation's prefill is padding: eval.py sorts SuperNI's test prompts by length
 before cutting them into batches.
 
-    python bench/bench_generate.py [--batch 8] [--new-tokens 50] [--repeats 3] [--dtypes float32,bfloat16] [--device cpu]
+    python bench/bench_generate.py [--batch 8] [--new-tokens 50] [--repeats 3] [--dtypes float32,bfloat16] [--device cpu] [--compile]
 
 Target: ours >= 1.2x HF's tokens/s in both precisions.
 """
@@ -71,6 +71,8 @@ def main():
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=DEFAULT_DATA, help="a SuperNI root (default: --data superni's cache, else ../shared/data/superni)")
+    p.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd decoder layers "
+                   "(compiled in an untimed first run)")
     args = p.parse_args()
     device = torch.device(args.device)
     from transformers import AutoModelForCausalLM
@@ -98,12 +100,23 @@ def main():
                 return hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
                                    pad_token_id=tok.pad_token_id)
 
-        times = {"ours": [], "hf": []}
-        for _ in range(args.repeats):  # alternate, so both see the same machine state
+        def run_compiled():
+            return generate(compiled, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=tok.pad_token_id)
+
+        if args.compile:
+            compiled = load_model(args.model, device=device, dtype=dtype)
+            compiled.compile_layers()
+            out_compiled, compile_time = timed(run_compiled)
+
+        times = {"ours": [], "hf": []} | ({"compiled": []} if args.compile else {})
+        for _ in range(args.repeats):  # alternate, so all see the same machine state
             out_ours, t = timed(run_ours)
             times["ours"].append(t)
             out_hf, t = timed(run_hf)
             times["hf"].append(t)
+            if args.compile:
+                out_compiled, t = timed(run_compiled)
+                times["compiled"].append(t)
         n_new = args.batch * args.new_tokens
         tps = {k: n_new / min(v) for k, v in times.items()}
         peak = matmul_peak(dtype, device)
@@ -114,6 +127,10 @@ def main():
         print(f"{name:8s} matmul    ours {flops / min(times['ours']) / 1e9:6.1f} GFLOP/s = "
               f"{100 * flops / min(times['ours']) / peak:4.1f} %, hf {100 * flops / min(times['hf']) / peak:4.1f} % of the "
               f"measured {peak / 1e9:.0f} GFLOP/s peak")
+        if args.compile:
+            print(f"{name:8s} compiled  {tps['compiled']:6.1f} tok/s, {tps['compiled'] / tps['ours']:5.2f}x eager's, "
+                  f"{tps['compiled'] / tps['hf']:5.2f}x hf's (first run, compiling: {compile_time:.1f} s); same tokens as "
+                  f"eager: {torch.equal(out_compiled, out_ours)}")
         new = slice(ids.shape[1], None)
         print(f"{name:8s} same tokens as hf: {torch.equal(out_ours, out_hf)} "
               f"({(out_ours[:, new] == out_hf[:, new]).float().mean().item():.1%} of the new tokens)")

@@ -9,7 +9,7 @@ and float32 adapters. A step is forward + loss on the answer tokens + backward +
 Ours is train.py's step (logits only where the loss needs them); PEFT's is `model(..., labels=...)`.
 Also timed: our BADIT (K = 6, r = 4) step.
 
-    python bench/bench_train.py [--max-len 256] [--batch-size 8] [--steps 5] [--dtypes float32,bfloat16]
+    python bench/bench_train.py [--max-len 256] [--batch-size 8] [--steps 5] [--dtypes float32,bfloat16] [--compile]
 
 Per side: tokens/s, peak memory, and the achieved matmul FLOP rate against the peak that a large
 matmul of the same dtype reaches in the same process. The FLOPs are those a step must do, counted the
@@ -131,8 +131,11 @@ def run_side(args):
     else:
         from badit import add_adapters
 
+        method, _, compiled = args.side.partition("+")
         model = load_model(args.model, device=device, dtype=dtype)  # bf16 weights: our forward autocasts itself
-        add_adapters(model, args.side, num_experts=6, rank=4, alpha=32, dropout=0.05)
+        add_adapters(model, method, num_experts=6, rank=4, alpha=32, dropout=0.05)
+        if compiled:
+            model.compile_layers()  # compiled in the warm-up steps (their shapes' graphs), timed after
 
         def step(x):
             return answer_loss(model, x) / x["answer"].sum()
@@ -180,7 +183,9 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
-    p.add_argument("--side", choices=["lora", "badit", "peft"], help=argparse.SUPPRESS)  # a child process
+    p.add_argument("--compile", action="store_true", help="also time our lora and badit steps with "
+                   "torch.compile'd decoder layers (train.py --compile), against eager")
+    p.add_argument("--side", choices=["lora", "badit", "peft", "lora+compile", "badit+compile"], help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
@@ -190,17 +195,22 @@ def main():
           f"after {args.warmup}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for dtype in args.dtypes.split(","):
         results = {}
-        for side in ("lora", "peft", "badit"):
+        for side in ("lora", "peft", "badit") + (("lora+compile", "badit+compile") if args.compile else ()):
             cmd = [sys.executable, __file__, "--side", side, "--dtype", dtype] + sys.argv[1:]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             r = results[side] = json.loads(out.strip().splitlines()[-1])
-            print(f"{dtype:8s} {side:5s} {r['tokens_per_s']:7.1f} tokens/s  {r['seconds'] / r['steps']:5.2f} s/step  "
+            print(f"{dtype:8s} {side:13s} {r['tokens_per_s']:7.1f} tokens/s  {r['seconds'] / r['steps']:5.2f} s/step  "
                   f"peak memory {r['peak_memory'] / 2**20:7.1f} MiB  matmul {r['flops_per_s'] / 1e9:6.1f} GFLOP/s = "
                   f"{100 * r['flops_per_s'] / r['peak_flops']:4.1f} % of the measured {r['peak_flops'] / 1e9:.0f} GFLOP/s peak")
         ours, peft = results["lora"], results["peft"]
         print(f"{dtype:8s} ours / PEFT LoRA tokens/s:    {ours['tokens_per_s'] / peft['tokens_per_s']:.2f}x (target >= 1.3)")
         print(f"{dtype:8s} ours / PEFT LoRA peak memory: {ours['peak_memory'] / peft['peak_memory']:.2f}x (target <= 1.0)")
         print(f"{dtype:8s} BADIT / LoRA step time:        {ours['tokens_per_s'] / results['badit']['tokens_per_s']:.3f} (target <= 1.10)")
+        for side in ("lora", "badit") if args.compile else ():
+            fast = results[f"{side}+compile"]
+            print(f"{dtype:8s} {side} compiled / eager tokens/s: {fast['tokens_per_s'] / results[side]['tokens_per_s']:.2f}x, "
+                  f"peak memory {fast['peak_memory'] / results[side]['peak_memory']:.2f}x; compiled / PEFT tokens/s "
+                  f"{fast['tokens_per_s'] / peft['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

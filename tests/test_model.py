@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from badit import Routing
 from conftest import FAMILIES, hf_model, hf_positions, left_padded_batch
 from hf import load_model
 from model import generate
@@ -103,6 +104,7 @@ class RoutingProbe(torch.nn.Module):
 def test_routing_reaches_linears_per_model(tiny_checkpoints):
     """Adapters see the prompt mask at prefill, None while decoding; two models stay separate."""
     a, b = load_model(tiny_checkpoints["llama3"], device="cpu", dtype=torch.float32), load_model(tiny_checkpoints["llama3"], device="cpu", dtype=torch.float32)
+    a.routing, b.routing = Routing(), Routing()  # as add_adapters makes them
     probe = RoutingProbe(a.layers[1].mlp.gate_proj, a.routing)
     a.layers[1].mlp.gate_proj = probe
     ids, mask = left_padded_batch(LENGTHS)
