@@ -69,7 +69,7 @@ class Routing:
        computes the gate from the masked mean of its own input (MoE) or of the embeddings (GainLoRA) and
        keeps it there; on a decoding step it returns the kept gate. CGC and the ELREA ensemble read task_ids.
     5. generate's prefill runs the prompts in groups of similar length, each a new batch, and join()s
-       each slot's gates over the groups, so that decoding reuses one gate per row.
+       each adapter's kept gates over the groups, so that decoding reuses one gate per row.
 
     One instance per model (`model.routing`, made by add_adapters, held by its adapters): two models in
     one process never see each other's batch. It stays set after forward returns, so that activation
