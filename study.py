@@ -677,7 +677,8 @@ def markdown(name: str, s: dict) -> str:
                 for h, r in tested:
                     for key, what in ((f"final_against_{suffix}", "final score"), (f"forgetting_against_{suffix}", "forgetting")):
                         if key in r:
-                            lines.append(paired_row(f"{h}: {what}", r[key], other, runs="orders x seeds"))
+                            lines.append(paired_row(f"{h}: {what}", r[key], other, runs="orders x seeds",
+                                                    lower_is_better=what == "forgetting"))
     if s["analyses"]:
         lines += ["", "## Interference analyses (seed 0; SPEC section 8)", "",
                   "| method | task-gradient cosine, mean off-diagonal | negative pairs | co-activation: blocks marked by 1, 2, ... tasks |",
@@ -688,15 +689,16 @@ def markdown(name: str, s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paired_row(row: str, a: dict, other: str, runs="seeds") -> str:
+def paired_row(row: str, a: dict, other: str, runs="seeds", lower_is_better=False) -> str:
     """The test's reading. SPEC section 8 calls nothing a difference under 3 seeds (or orders x seeds): with
-    fewer, p measures the spread over tasks at one or two runs, not the runs' spread."""
+    fewer, p measures the spread over tasks at one or two runs, not the runs' spread. lower_is_better: a
+    difference in forgetting, where less is better."""
     if a["seeds"] < 3:
         reading = f"{a['seeds']} {runs if a['seeds'] > 1 else runs.split(' x ')[0].rstrip('s')}: an anecdote, not a comparison"
     elif a["p"] >= 0.05:
         reading = "no difference beyond seed noise"
     else:
-        reading = ("better" if a["mean_difference"] > 0 else "worse") + f" than {other} (p < 0.05)"
+        reading = ("better" if (a["mean_difference"] > 0) != lower_is_better else "worse") + f" than {other} (p < 0.05)"
     return f"| {row} | {a['pairs']} | {a['mean_difference']:+.2f} | {a['p']:.3f} | {reading} |"
 
 

@@ -172,8 +172,21 @@ def test_continual_rows_over_orders_equal_a_direct_computation(tmp_path):
     assert "final_against_gainlora" not in s["continual_rows"]["gainlora"] | s["continual_rows"]["lora"]
     text = study.markdown("t", s)
     assert "| badit (order 2, seed 0) |" in text and "| badit: forgetting | 6 |" in text
+    forgetting = against["forgetting_against_reference"]
+    row = next(line for line in text.splitlines() if line.startswith("| badit: forgetting | 6 |"))
+    if forgetting["p"] < 0.05:  # in the table too, less forgetting than lora reads as better
+        assert ("better" if forgetting["mean_difference"] < 0 else "worse") + " than lora" in row
     assert "Against `gainlora`, paired over (order, seed) x tasks" in text
     assert f"| badit | 3 | {np.mean(against['AP']):.1f} ± " in text
+
+
+def test_less_forgetting_reads_as_better():
+    """A paired difference in forgetting (lower is better) reads the other way round from one in scores."""
+    more = {"seeds": 3, "pairs": 21, "mean_difference": 6.2, "p": 0.02}
+    less = {**more, "mean_difference": -6.2}
+    assert "worse than lora" in study.paired_row("badit: forgetting", more, "lora", lower_is_better=True)
+    assert "better than lora" in study.paired_row("gainlora: forgetting", less, "lora", lower_is_better=True)
+    assert "better than lora" in study.paired_row("badit: final score", more, "lora")
 
 
 TINY = ["--data", "classroom", "--tasks", "sort_ascending,sort_descending", "--limit", "8", "--batch-size", "4",
