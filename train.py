@@ -149,7 +149,7 @@ def parse_args(argv=None):
                    "optimizer, router and loss are float32 always")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each decoder layer "
                    "(model.compile_layers: one graph per kind of call, no graph break); losses agree with eager's to "
-                   "bf16 rounding, not bitwise (default: off; on this project's CPU it is not faster)")
+                   "bf16 rounding, not bitwise (default: off: on our CPU it gains little time; on CUDA not yet measured)")
     g.add_argument("--eval", default="both", choices=["both", "after", "none"], help="evaluate on the test sets before "
                    "(the base model) and after training, after only, or not at all (default: %(default)s)")
     g.add_argument("--eval-batch-size", type=positive_int, default=64, help="prompts per generation batch (default: %(default)s)")
