@@ -602,17 +602,35 @@ def read_analyses(folder: Path) -> dict:
 
 
 def markdown(name: str, s: dict) -> str:
-    rows = s["rows"]
-    heads = list(rows)
+    """summary.md: the joint (and single-task) rows, the continual runs, the interference analyses."""
     lines = [f"# Study `{name}`", "", f"Command: `{s['command']}`", "", *[f"Note: {n}\n" for n in s.get("notes", [])],
              "ROUGE-L x100 per task, mean ± standard deviation over seeds (sample std); "
              "a difference counts only beyond seed noise (SPEC section 8).", ""]
     base = s.get("base")
-    if not rows:
-        only = f"Only the base model has run: average ROUGE-L {base['rougeL']:.1f}." if base else "No cell has finished yet."
-        return "\n".join(lines + [only]) + "\n"
+    if s["rows"]:
+        lines += joint_lines(s)
+    elif base:  # a study may run its continual cells first
+        lines.append(f"Base model, average ROUGE-L {base['rougeL']:.1f}: no joint run has finished yet.")
+    if s["continual"]:
+        lines += continual_lines(s)
+    if s["analyses"]:
+        lines += ["", "## Interference analyses (seed 0; SPEC section 8)", "",
+                  "| method | task-gradient cosine, mean off-diagonal | negative pairs | co-activation: blocks marked by 1, 2, ... tasks |",
+                  "|---|---|---|---|"]
+        for m, a in s["analyses"].items():
+            lines.append(f"| {m} | {a['conflict_mean_cosine']:+.3f} | {100 * a['conflict_negative_share']:.0f} % | "
+                         f"{', '.join(map(str, a['coactivation'][1:]))} |")
+    if not (base or s["rows"] or s["continual"] or s["analyses"]):
+        lines.append("No cell has finished yet.")
+    return "\n".join(lines) + "\n"
+
+
+def joint_lines(s: dict) -> list[str]:
+    """The per-task table of the joint and single-task rows, their paired tests and regroup diagnostics."""
+    rows, base = s["rows"], s.get("base")
+    heads = list(rows)
     columns = ["task"] + (["base model"] if base else []) + heads
-    lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for t in s["tasks"]:
         cells = [mean_std(rows[h]["per_task"].get(t, [])) for h in heads]
         lines.append(f"| {t} | " + (f"{base['per_task'][t]['rougeL']:.1f} | " if base and t in base["per_task"] else
@@ -655,39 +673,37 @@ def markdown(name: str, s: dict) -> str:
                 lines.append(f"| {h} | {i + 1} | {np.mean(g['step']):.0f} | {np.mean(g['intra_before']):.1f} -> "
                              f"{np.mean(g['intra_after']):.1f} | {np.mean(g['inter_before']):.1f} -> "
                              f"{np.mean(g['inter_after']):.1f} | {np.mean(g['moved']):.0f} |")
-    if s["continual"]:
-        lines += ["", "## Continual setting (ROUGE-L)", "",
-                  "Fwt against the same method's single-task run at the same seed, where there is one. Orders: 1 and 2 "
-                  "the benchmark's published ones (the classroom suite: listed and reversed), 3 and up seeded "
-                  "permutations, 0 the --seed-shuffled order of runs made before orders existed.", "",
-                  "| run | AP | Fgt | Fwt | Bwt |", "|---|---|---|---|---|"]
-        for h, m in s["continual"].items():
-            lines.append(f"| {h} | " + " | ".join(f"{m[k]:.1f}" if k in m else "-" for k in ("AP", "Fgt", "Fwt", "Bwt")) + " |")
-        rows = s.get("continual_rows", {})
-        if any(len(r["AP"]) > 1 for r in rows.values()):
-            lines += ["", "Over orders and seeds: mean ± standard deviation.", "",
-                      "| method | runs | AP | Fgt | Fwt | Bwt |", "|---|---|---|---|---|---|"]
-            for h, r in rows.items():
-                lines.append(f"| {h} | {len(r['AP'])} | " + " | ".join(mean_std(r[k]) for k in ("AP", "Fgt", "Fwt", "Bwt")) + " |")
-            for suffix, other in (("reference", s["reference"]), (CONTINUAL_REFERENCE, CONTINUAL_REFERENCE)):
-                tested = [(h, r) for h, r in rows.items() if f"final_against_{suffix}" in r]
-                if tested:
-                    lines += ["", f"Against `{other}`, paired over (order, seed) x tasks: the final score of each "
-                              "task (AP's terms) and its forgetting (Fgt's terms; lower is better).", "",
-                              "| method | pairs | mean difference | p | reading |", "|---|---|---|---|---|"]
-                for h, r in tested:
-                    for key, what in ((f"final_against_{suffix}", "final score"), (f"forgetting_against_{suffix}", "forgetting")):
-                        if key in r:
-                            lines.append(paired_row(f"{h}: {what}", r[key], other, runs="orders x seeds",
-                                                    lower_is_better=what == "forgetting"))
-    if s["analyses"]:
-        lines += ["", "## Interference analyses (seed 0; SPEC section 8)", "",
-                  "| method | task-gradient cosine, mean off-diagonal | negative pairs | co-activation: blocks marked by 1, 2, ... tasks |",
-                  "|---|---|---|---|"]
-        for m, a in s["analyses"].items():
-            lines.append(f"| {m} | {a['conflict_mean_cosine']:+.3f} | {100 * a['conflict_negative_share']:.0f} % | "
-                         f"{', '.join(map(str, a['coactivation'][1:]))} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def continual_lines(s: dict) -> list[str]:
+    """The continual runs' AP / Fgt / Fwt / Bwt, over orders and seeds, and their paired tests."""
+    lines = ["", "## Continual setting (ROUGE-L)", "",
+             "Fwt against the same method's single-task run at the same seed, where there is one. Orders: 1 and 2 "
+             "the benchmark's published ones (the classroom suite: listed and reversed), 3 and up seeded "
+             "permutations, 0 the --seed-shuffled order of runs made before orders existed.", "",
+             "| run | AP | Fgt | Fwt | Bwt |", "|---|---|---|---|---|"]
+    for h, m in s["continual"].items():
+        lines.append(f"| {h} | " + " | ".join(f"{m[k]:.1f}" if k in m else "-" for k in ("AP", "Fgt", "Fwt", "Bwt")) + " |")
+    rows = s.get("continual_rows", {})
+    if not any(len(r["AP"]) > 1 for r in rows.values()):
+        return lines
+    lines += ["", "Over orders and seeds: mean ± standard deviation.", "",
+              "| method | runs | AP | Fgt | Fwt | Bwt |", "|---|---|---|---|---|---|"]
+    for h, r in rows.items():
+        lines.append(f"| {h} | {len(r['AP'])} | " + " | ".join(mean_std(r[k]) for k in ("AP", "Fgt", "Fwt", "Bwt")) + " |")
+    for suffix, other in (("reference", s["reference"]), (CONTINUAL_REFERENCE, CONTINUAL_REFERENCE)):
+        tested = [(h, r) for h, r in rows.items() if f"final_against_{suffix}" in r]
+        if tested:
+            lines += ["", f"Against `{other}`, paired over (order, seed) x tasks: the final score of each "
+                      "task (AP's terms) and its forgetting (Fgt's terms; lower is better).", "",
+                      "| method | pairs | mean difference | p | reading |", "|---|---|---|---|---|"]
+        for h, r in tested:
+            for key, what in ((f"final_against_{suffix}", "final score"), (f"forgetting_against_{suffix}", "forgetting")):
+                if key in r:
+                    lines.append(paired_row(f"{h}: {what}", r[key], other, runs="orders x seeds",
+                                            lower_is_better=what == "forgetting"))
+    return lines
 
 
 def paired_row(row: str, a: dict, other: str, runs="seeds", lower_is_better=False) -> str:

@@ -180,6 +180,29 @@ def test_continual_rows_over_orders_equal_a_direct_computation(tmp_path):
     assert f"| badit | 3 | {np.mean(against['AP']):.1f} ± " in text
 
 
+def test_a_study_with_only_continual_runs_finished_shows_them(tmp_path):
+    """superni-paper runs its sequential cells before its joint ones: with the base model and continual runs
+    finished and no joint run, the summary still has the continual table (it once said only the base had run)."""
+    base = tmp_path / "cells" / "base"
+    base.mkdir(parents=True)
+    (base / "cell.json").write_text(json.dumps(dict(id="base", method="base", seed=0, setting="mtl", variant="", flags=[],
+                                                    kind="base", of="", seconds=5.0)))
+    (base / "metrics_base.json").write_text(json.dumps({"per_task": {"a": {"rougeL": 7.0}, "b": {"rougeL": 9.0}},
+                                                        "rougeL": 8.0, "exact_match": 0.0}))
+    cells = [json.loads((base / "cell.json").read_text())]
+    matrix = [[30.0, 12.0], [20.0, 60.0]]
+    cell = write_cell(tmp_path, "lora-continual-o1-s0", "lora", 0, "continual", scores={"a": 20.0, "b": 60.0})
+    cell["order"] = 1
+    (tmp_path / "cells" / cell["id"] / "cell.json").write_text(json.dumps(cell))
+    (tmp_path / "cells" / cell["id"] / "continual.json").write_text(json.dumps({"order": ["a", "b"], "rougeL": matrix}))
+    (tmp_path / "study.json").write_text(json.dumps({"command": "python study.py t", "flags": [], "reference": "lora",
+                                                     "cells": cells + [cell]}))
+    text = study.markdown("t", study.summarise(tmp_path))
+    expected = continual_metrics(matrix)
+    assert f"| lora (order 1, seed 0) | {expected['AP']:.1f} | {expected['Fgt']:.1f} |" in text
+    assert "average ROUGE-L 8.0" in text and "no joint run has finished yet" in text
+
+
 def test_less_forgetting_reads_as_better():
     """A paired difference in forgetting (lower is better) reads the other way round from one in scores."""
     more = {"seeds": 3, "pairs": 21, "mean_difference": 6.2, "p": 0.02}
