@@ -147,8 +147,8 @@ def superni_paper_study() -> dict:
     study's badit cells)."""
     cells = [Cell("base", "base", kind="base")]
     # the paper's headline setting first: sequential training over the benchmark's published orders 1 and 2 and a
-    # seeded order 3 (about 38 minutes a cell on our CPU), order by order, so that a study stopped early has the
-    # methods at the first orders, lora (the reference) and gainlora (the paper's rival) first in each
+    # seeded order 3 (25-35 minutes a cell on our CPU at order 1), order by order, so that a study stopped early
+    # has the methods at the first orders, lora (the reference) and gainlora (the paper's rival) first in each
     for order in (1, 2, 3):
         cells += grid(["lora", "gainlora", "badit", "o-lora", "loramoe"], [0], "continual", orders=[order])
     cells += grid(["lora", "loramoe", "badit-noregroup", "badit"], SEEDS)
