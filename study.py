@@ -452,10 +452,11 @@ def paired_permutation_test(diffs, rounds: int = 100_000, seed: int = 0) -> floa
     return float((np.abs((signs * d).mean(1)) >= abs(d.mean()) - 1e-12).mean())
 
 
-def mean_std(values) -> str:
+def mean_std(values, unit="seed") -> str:
+    """Mean ± sample standard deviation; a lone value says it is one `unit` (a seed, or a continual run)."""
     if not values:
         return "-"
-    return f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else " (1 seed)")
+    return f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else f" (1 {unit})")
 
 
 DAMAGED_CELL = "restore it from git (results/ is committed), or delete the cell's folder and run the study again"
@@ -691,7 +692,7 @@ def continual_lines(s: dict) -> list[str]:
     lines += ["", "Over orders and seeds: mean ± standard deviation.", "",
               "| method | runs | AP | Fgt | Fwt | Bwt |", "|---|---|---|---|---|---|"]
     for h, r in rows.items():
-        lines.append(f"| {h} | {len(r['AP'])} | " + " | ".join(mean_std(r[k]) for k in ("AP", "Fgt", "Fwt", "Bwt")) + " |")
+        lines.append(f"| {h} | {len(r['AP'])} | " + " | ".join(mean_std(r[k], "run") for k in ("AP", "Fgt", "Fwt", "Bwt")) + " |")
     for suffix, other in (("reference", s["reference"]), (CONTINUAL_REFERENCE, CONTINUAL_REFERENCE)):
         tested = [(h, r) for h, r in rows.items() if f"final_against_{suffix}" in r]
         if tested:
@@ -701,17 +702,20 @@ def continual_lines(s: dict) -> list[str]:
         for h, r in tested:
             for key, what in ((f"final_against_{suffix}", "final score"), (f"forgetting_against_{suffix}", "forgetting")):
                 if key in r:
-                    lines.append(paired_row(f"{h}: {what}", r[key], other, runs="orders x seeds",
+                    lines.append(paired_row(f"{h}: {what}", r[key], other, runs="runs (order, seed)",
                                             lower_is_better=what == "forgetting"))
     return lines
 
 
 def paired_row(row: str, a: dict, other: str, runs="seeds", lower_is_better=False) -> str:
-    """The test's reading. SPEC section 8 calls nothing a difference under 3 seeds (or orders x seeds): with
-    fewer, p measures the spread over tasks at one or two runs, not the runs' spread. lower_is_better: a
-    difference in forgetting, where less is better."""
+    """The test's reading. SPEC section 8 calls nothing a difference under 3 seeds (or 3 continual runs over
+    orders x seeds): with fewer, p measures the spread over tasks at one or two runs, not the runs' spread.
+    runs: what a.seeds counts, plural first ("seeds", "runs (order, seed)"). lower_is_better: a difference
+    in forgetting, where less is better."""
     if a["seeds"] < 3:
-        reading = f"{a['seeds']} {runs if a['seeds'] > 1 else runs.split(' x ')[0].rstrip('s')}: an anecdote, not a comparison"
+        noun, _, rest = runs.partition(" ")
+        noun = noun if a["seeds"] > 1 else noun.removesuffix("s")
+        reading = f"{a['seeds']} {noun}{' ' + rest if rest else ''}: an anecdote, not a comparison"
     elif a["p"] >= 0.05:
         reading = "no difference beyond seed noise"
     else:

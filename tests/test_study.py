@@ -180,6 +180,16 @@ def test_continual_rows_over_orders_equal_a_direct_computation(tmp_path):
     assert f"| badit | 3 | {np.mean(against['AP']):.1f} ± " in text
 
 
+def test_the_readings_name_what_they_count():
+    """A continual row counts runs over (order, seed), not seeds: one run is one run, two are an anecdote."""
+    a = {"pairs": 30, "seeds": 2, "mean_difference": -5.28, "p": 0.024}
+    assert "2 runs (order, seed): an anecdote" in study.paired_row("x", a, "lora", runs="runs (order, seed)")
+    assert "1 run (order, seed): an anecdote" in study.paired_row("x", a | {"seeds": 1}, "lora", runs="runs (order, seed)")
+    assert "1 seed: an anecdote" in study.paired_row("x", a | {"seeds": 1}, "lora")
+    assert "worse than lora (p < 0.05)" in study.paired_row("x", a | {"seeds": 3}, "lora", runs="runs (order, seed)")
+    assert study.mean_std([29.5], "run") == "29.5 (1 run)" and study.mean_std([29.5, 28.5]) == "29.0 ± 0.7"
+
+
 def test_a_study_with_only_continual_runs_finished_shows_them(tmp_path):
     """superni-paper runs its sequential cells before its joint ones: with the base model and continual runs
     finished and no joint run, the summary still has the continual table (it once said only the base had run)."""
