@@ -13,6 +13,8 @@ and the methods differ only in N, in how A and B start, and in where c comes fro
     loramoe           K r      A kaiming, B = 0          K softmax(mean_prompt(x) G^T), each expert's r components
     badit-noregroup   K r      top SVD, W -> residual    as loramoe
     badit             K r      top SVD, W -> residual    as loramoe, + regroup() during training (section 5)
+    badit-nobad       K r      A kaiming, B = 0          as loramoe, + regroup() as badit: the paper's ablation
+                                                         "w/o BAD" (DOG on experts that do not come from the SVD)
     cgc               (Kc + T Ks) r   A kaiming, B = 0   (Kc + Ks) softmax(gate[task]) on the task's experts, 0 elsewhere
     elrea             M r_lora        M trained LoRAs    1 on the row's own member's block, 0 elsewhere (ELREA's
                                                          ensemble, one LoRA per batch row; elrea.py builds it)
@@ -47,10 +49,11 @@ from checks import InputError, MissingFile
 from files import atomic_write, read_json, read_safetensors
 from hf import hf_name
 
-METHODS = ("lora", "pissa", "loramoe", "badit-noregroup", "badit", "cgc", "o-lora", "gainlora")  # trained by train.py's loop
+METHODS = ("lora", "pissa", "loramoe", "badit-noregroup", "badit", "badit-nobad", "cgc", "o-lora", "gainlora")  # train.py's loop
 BRANCH_METHODS = ("o-lora", "gainlora")  # a branch per continual task (continual.py)
 ADAPTERS = METHODS + ("elrea",)  # elrea's adapter: the ensemble that elrea.py's pipeline assembles
 SVD_METHODS = ("pissa", "badit-noregroup", "badit")
+REGROUP_METHODS = ("badit", "badit-nobad")  # DOG during training (section 5); badit-nobad's experts start as loramoe's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ class LoRA(Adapter):
 
 
 class MoE(Adapter):
-    """loramoe, badit-noregroup and badit: K experts of rank r and a per-sequence router (SPEC section 4).
+    """loramoe, badit-noregroup, badit and badit-nobad: K experts of rank r and a per-sequence router (SPEC section 4).
 
     The gate is computed from the mean of the layer input over the routing positions (the prompt,
     never padding or answer tokens) once per sequence, and reused while decoding.
@@ -426,7 +429,8 @@ def check_top_k(method: str, top_k: int | None, num_experts: int):
     """Sparse routing (SPEC section 4): loramoe only, and 1 <= k <= K (train.py checks it too, before any run)."""
     if top_k is not None and method != "loramoe":
         why = ("with SVD experts the tied gates at step 0 would drop all but k experts and the model would not start "
-               "at its own function (SPEC section 4)" if method in SVD_METHODS else f"{method} has no router")
+               "at its own function (SPEC section 4)" if method in SVD_METHODS else "it is badit's ablation and routes "
+               "densely as badit does" if method == "badit-nobad" else f"{method} has no router")
         raise InputError(f"--top-k is for loramoe only: {why}. Leave --top-k out for {method}.")
     if top_k is not None and not 1 <= top_k <= num_experts:
         raise InputError(f"--top-k {top_k} must be between 1 and --num-experts ({num_experts}).")
@@ -641,13 +645,13 @@ def orthogonal_targets(Z, groups, K: int):
     return U @ Vh
 
 
-def dynamic_orthogonal_grouping(Z, r: int, n_init=10, max_iter=100, seed=0, max_rounds=20):
+def dynamic_orthogonal_grouping(Z, r: int, n_init=10, max_iter=100, seed=0, max_rounds=10):
     """DOG, SPEC section 5, steps 1 to 4, on the unit gradient directions Z (L, N, D) of L layers at once.
 
     1. spherical k-means into K = N / r clusters, then the exact balanced assignment to its unit centroids;
     2. orthogonal targets Q from the centroid matrix of the current groups;
     3. the exact balanced assignment of the components to Q;
-    4. 2-3 again until no layer's groups change (at most max_rounds rounds); each layer keeps the round
+    4. 2-3 again until no layer's groups change (at most max_rounds rounds, the paper's 10); each layer keeps the round
        with the largest J (the start's included, so J never falls below the k-means start's).
     -> groups (L, N) in 0 .. K-1, the kept round's targets (L, K, D), and per layer J after k-means, J at
     the end and the rounds until its groups stopped changing."""
@@ -712,20 +716,60 @@ def routed_adapters(model) -> dict[str, MoE]:
     return {name: a for name, a in adapters_of(model).items() if isinstance(a, MoE)}
 
 
+def component_gradients(adapter: Adapter) -> torch.Tensor:
+    """(N, n + m) float32: each rank-1 component's gradient z_j = [dL/dA[j, :] ; dL/dB[:, j]]."""
+    return torch.cat([adapter.A.grad, adapter.B.grad.T], dim=1).float()
+
+
 @torch.no_grad()
 def accumulate_regroup_signal(model):
     """Call once per optimizer step, after backward and before zero_grad (gradients are already
-    averaged over data-parallel ranks then). Adds each component's gradient direction
-    z_j = [dL/dA[j, :] ; dL/dB[:, j]] (float32) to a running sum, and keeps the last one."""
+    averaged over data-parallel ranks then). Adds each component's gradient direction z_j (float32) to a
+    running sum, and keeps the last one."""
     for a in routed_adapters(model).values():
         if a.A.grad is None:
             continue
-        z = torch.cat([a.A.grad, a.B.grad.T], dim=1).float()  # (N, n + m)
+        z = component_gradients(a)  # (N, n + m)
         if not hasattr(a, "signal_sum"):
             a.register_buffer("signal_sum", torch.zeros_like(z), persistent=False)
             a.register_buffer("signal_last", torch.zeros_like(z), persistent=False)
         a.signal_sum += z
         a.signal_last.copy_(z)
+
+
+@torch.no_grad()
+def accumulate_angle_signal(model):
+    """The angle diagnostic's own running sum of z_j (train.py --angles-every), for every routed method; called
+    where accumulate_regroup_signal is. It reads the gradients and writes nothing else: the run is unchanged."""
+    for a in routed_adapters(model).values():
+        if a.A.grad is None:
+            continue
+        z = component_gradients(a)
+        if not hasattr(a, "angle_sum"):
+            a.register_buffer("angle_sum", torch.zeros_like(z), persistent=False)
+        a.angle_sum += z
+
+
+@torch.no_grad()
+def gradient_angles(model) -> dict:
+    """The paper's Figure 4 quantities over training: per routed layer, the intra- and inter-expert angles
+    (expert_angles) of the gradient directions summed since the last call (accumulate_angle_signal), which
+    then restart. -> {"intra", "inter": means over layers, "per_layer": {"layer", "intra", "inter"}}."""
+    layers = {name: a for name, a in routed_adapters(model).items() if hasattr(a, "angle_sum")}
+    per_layer = {"layer": [], "intra": [], "inter": []}
+    by_shape = {}
+    for name, a in layers.items():
+        by_shape.setdefault((tuple(a.angle_sum.shape), a.rank), []).append(name)
+    for (_, r), names in by_shape.items():
+        Z = F.normalize(torch.stack([layers[n].angle_sum for n in names]), dim=-1, eps=1e-12)  # (L, N, n + m)
+        intra, inter = expert_angles(Z, r)
+        per_layer["layer"] += names
+        per_layer["intra"] += intra.tolist()
+        per_layer["inter"] += inter.tolist()
+    for a in layers.values():
+        a.angle_sum.zero_()
+    n = max(len(per_layer["layer"]), 1)
+    return {"intra": sum(per_layer["intra"]) / n, "inter": sum(per_layer["inter"]) / n, "per_layer": per_layer}
 
 
 def expert_angles(Z, r: int):
@@ -748,20 +792,23 @@ def expert_angles(Z, r: int):
 
 @torch.no_grad()
 def permute_components(adapter: Adapter, perm, optimizer=None):
-    """A <- A[perm], B <- B[:, perm], and the same for their gradients and optimizer state (AdamW's
-    exp_avg, exp_avg_sq), so the next step continues as if training had used this order."""
+    """A <- A[perm], B <- B[:, perm], and the same for their gradients, optimizer state (AdamW's exp_avg,
+    exp_avg_sq) and gradient accumulators, so the next step continues as if training had used this order."""
     for p, dim in ((adapter.A, 0), (adapter.B, 1)):
         tensors = [p] + ([p.grad] if p.grad is not None else [])
         if optimizer is not None:
             tensors += [v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v) and v.shape == p.shape]
         for t in tensors:
             t.copy_(t.index_select(dim, perm))
+    for name in ("signal_sum", "signal_last", "angle_sum"):  # the gradient accumulators (rows = components)
+        if hasattr(adapter, name):
+            getattr(adapter, name).copy_(getattr(adapter, name).index_select(0, perm))
 
 
 def reset_regroup_signal(model):
-    """Start the signal afresh: at the start of a training phase (a new task of the continual setting)."""
+    """Start the signals afresh: at the start of a training phase (a new task of the continual setting)."""
     for a in routed_adapters(model).values():
-        for name in ("signal_sum", "signal_last"):
+        for name in ("signal_sum", "signal_last", "angle_sum"):
             if hasattr(a, name):
                 delattr(a, name)
 

@@ -66,7 +66,7 @@ def names(text):
 # Which method reads which flag. A flag of another method would be silently ignored, so it is
 # refused instead; flags not listed here apply to every method.
 
-ROUTED = ("loramoe", "badit-noregroup", "badit")
+ROUTED = ("loramoe", "badit-noregroup", "badit", "badit-nobad")
 METHOD_FLAGS = {
     "--lora-rank": ("lora", "pissa", "elrea", "o-lora", "gainlora"),
     "--orth-lambda": ("o-lora",),
@@ -74,9 +74,10 @@ METHOD_FLAGS = {
     "--top-k": ("loramoe",),  # badit's SVD experts would not start at the base function (SPEC section 4)
     "--common-experts": ("cgc",),
     "--task-experts": ("cgc",),
-    "--regroup-every": ("badit",),
-    "--regroup-until": ("badit",),
-    "--regroup-signal": ("badit",),
+    "--regroup-every": ("badit", "badit-nobad"),
+    "--regroup-until": ("badit", "badit-nobad"),
+    "--regroup-signal": ("badit", "badit-nobad"),
+    "--angles-every": ROUTED,
     "--clusters": ("elrea",),
     "--proj-dim": ("elrea",),
     "--feature-epochs": ("elrea",),

@@ -8,6 +8,7 @@ the continual-learning metrics, and the paper's analyses.
     python eval.py compare RUN_DIR ... [--single SINGLE_RUN ...]  # per-task ROUGE-L side by side, colla
     python eval.py continual RUN_DIR [--single SINGLE_RUN]        # AP / Fgt / Fwt / Bwt from the score matrix
     python eval.py angles RUN_DIR              # regroup angles over training, from log.jsonl
+    python eval.py angles RUN... --out DIR     # the paper's Figure 4 from runs made with --angles-every
     python eval.py conflict RUN_DIR            # task-gradient cosine matrix of the adapter
     python eval.py coactivation RUN_DIR        # how many tasks share each weight block's top gradients
 
@@ -256,19 +257,20 @@ def coactivation_histogram(grads: dict, block=32, top=0.10):
     return torch.bincount(marks, minlength=T + 1).tolist()
 
 
-def write_outputs(out_base: Path, markdown: str, rows: list[list], draw=None):
+def write_outputs(out_base: Path, markdown: str, rows: list[list], draw=None, panels: int = 1):
     """<out_base>.md and .csv, and .png when matplotlib is installed."""
     out_base.with_suffix(".md").write_text(markdown)
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
     out_base.with_suffix(".csv").write_text(buf.getvalue())
-    png = maybe_plot(out_base, draw) if draw else None
+    png = maybe_plot(out_base, draw, panels) if draw else None
     print(markdown)
     print(f"wrote {out_base.with_suffix('.md')} and .csv" + (" and .png" if png else ""))
 
 
-def maybe_plot(out_base: Path, draw) -> Path | None:
-    """out_base.png drawn by draw(ax), when matplotlib is installed -> its path, or None."""
+def maybe_plot(out_base: Path, draw, panels: int = 1) -> Path | None:
+    """out_base.png drawn by draw(ax) (or draw(axes), side by side, with panels > 1), when matplotlib is installed
+    -> its path, or None."""
     try:
         import matplotlib
 
@@ -276,7 +278,7 @@ def maybe_plot(out_base: Path, draw) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(1, panels, figsize=(6 * panels, 4))
     draw(ax)
     fig.tight_layout()
     fig.savefig(out_base.with_suffix(".png"), dpi=120)
@@ -404,7 +406,7 @@ def cmd_export(args):
     the adapter folded into the weights (lora, pissa, o-lora, and cgc for one --task)."""
     cfg = read_config(args.run_dir)
     method = cfg["method"]
-    if method in ("loramoe", "badit-noregroup", "badit", "elrea", "gainlora"):
+    if method in ROUTED + ("elrea", "gainlora"):
         how = ("it weighs its LoRAs per query" if method == "elrea" else "its gates weigh the task branches by each prompt"
                if method == "gainlora" else "its router weighs the experts by each prompt")
         raise InputError(f"a {method} adapter cannot be exported as one static weight: {how}. Use it through "
@@ -518,16 +520,86 @@ def cmd_continual(args):
     print(text)
 
 
+# The paper's Figure 4, as its text describes it (no numbers are printed beside the figure): BADIT's inter-expert
+# gradient angle stays near 90 degrees over training, its intra-expert angle is about 60 degrees, about 20 below
+# LoRAMoE's. The dotted lines of `eval.py angles`' figure.
+PAPER_ANGLES = {"inter": [(90.0, "BADIT (paper): about 90")], "intra": [(60.0, "BADIT (paper): about 60"),
+                                                                        (80.0, "LoRAMoE (paper): about 20 more")]}
+
+
 def cmd_angles(args):
+    """The experts' gradient angles over training (SPEC section 5 at every regroup; --angles-every along the run).
+
+    One run: its regroup diagnostics as today (angles.md / .csv / .png, angles_layers.*) and, if it was run with
+    --angles-every, figure4.md / .csv / .png beside them. Several runs (--out DIR): figure4.* in DIR, one line per
+    run, labelled with its method (and seed, order), the paper's reported levels dotted."""
+    runs = [Path(r) for r in args.run_dirs]
+    if len(runs) > 1 and not args.out:
+        raise InputError("eval.py angles with several runs writes one figure for them all: give --out DIR (a new folder).")
+    logs = {}
+    for run in runs:
+        log = run / "log.jsonl"
+        if not log.is_file():
+            raise MissingFile(f"{log} is missing: pass a run directory written by train.py.")
+        logs[run] = read_jsonl(log)
+    if len(runs) == 1:
+        regroups = [e for e in logs[runs[0]] if "regroup" in e]
+        if regroups:
+            regroup_angles(runs[0], regroups)
+    series = {run: [e for e in lines if "angles" in e] for run, lines in logs.items()}
+    if not any(series.values()):
+        if len(runs) == 1 and any("regroup" in e for e in logs[runs[0]]):
+            return
+        raise InputError(f"{', '.join(str(r / 'log.jsonl') for r in runs)}: no angle entries (train.py --angles-every N "
+                         "logs them, for loramoe, badit-noregroup, badit and badit-nobad) and no regroup entries.")
+    missing = [str(r) for r, e in series.items() if not e]
+    if missing:
+        raise InputError(f"{', '.join(missing)}: no angle entries; rerun with train.py --angles-every N, or leave "
+                         f"{'it' if len(missing) == 1 else 'them'} out.")
+    out = new_folder(args.out, "angles", "eval.py angles", "--out") if args.out else runs[0]
+    labels = {run: run_label(read_config(run), run) for run in runs}
+    rows = [["run", "phase", "step", "intra", "inter"]]
+    rows += [[labels[r], e["phase"], e["step"], e["angles"]["intra"], e["angles"]["inter"]] for r in runs for e in series[r]]
+
+    def draw(axes):
+        for ax, key in zip(axes, ("inter", "intra")):
+            for run in runs:
+                steps = global_steps(series[run])
+                ax.plot(steps, [e["angles"][key] for e in series[run]], label=labels[run])
+            for level, text in PAPER_ANGLES[key]:
+                ax.axhline(level, color="gray", linestyle=":", linewidth=1)
+                ax.annotate(text, (0.01, level), xycoords=("axes fraction", "data"), fontsize=7, color="gray",
+                            va="bottom")
+            ax.set(xlabel="optimizer step", ylabel="degrees (mean over layers)", title=f"{key}-expert gradient angle")
+        axes[0].legend(fontsize=7)
+
+    note = ("\nAngles in degrees between the experts' gradient directions summed over each --angles-every window, means "
+            "over the adapted layers (SPEC section 5's definitions): intra = within an expert, inter = between the experts' "
+            "mean directions. The paper (Figure 4): BADIT's inter-expert angle stays near 90, its intra-expert angle is "
+            "about 60, about 20 below LoRAMoE's.")
+    write_outputs(out / "figure4", table(rows, note), rows, draw, panels=2)
+
+
+def run_label(cfg: dict, run: Path) -> str:
+    """A run's name in a figure: its method, and its seed and order."""
+    order = f" o{cfg['order']}" if cfg.get("setting") == "continual" else ""
+    return f"{cfg.get('method', run.name)}{order} s{cfg.get('seed', 0)}"
+
+
+def global_steps(entries: list[dict]) -> list[int]:
+    """Steps counted over the phases of a continual run (each phase restarts at step 1), in log order."""
+    offset, last, out = 0, {}, []
+    for e in entries:
+        last[e["phase"]] = e["step"]
+        offset = sum(v for p, v in last.items() if p < e["phase"])
+        out.append(offset + e["step"])
+    return out
+
+
+def regroup_angles(run: Path, entries: list[dict]):
     """The regroup diagnostics of SPEC section 5 over training: angles.md / .csv / .png, the means over layers
     at every regroup; angles_layers.md / .csv / .png, every layer at every regroup (runs logged before DOG
     have angles, moves and their own objective only: the columns they lack are left out)."""
-    log = Path(args.run_dir) / "log.jsonl"
-    if not log.is_file():
-        raise MissingFile(f"{log} is missing: pass a run directory written by train.py.")
-    entries = [e for e in read_jsonl(log) if "regroup" in e]
-    if not entries:
-        raise InputError(f"{log} has no regroup entries (only method badit regroups).")
     keys = [k for k in REGROUP_STATS if all(k in e["regroup"] for e in entries)]
     rows = [["phase", "epoch", "step"] + keys] + [[e["phase"], e["epoch"], e["step"]] + [e["regroup"][k] for k in keys]
                                                   for e in entries]
@@ -542,7 +614,7 @@ def cmd_angles(args):
         ax.set(xlabel="optimizer step", ylabel="degrees (mean over layers)")
         ax.legend()
 
-    write_outputs(Path(args.run_dir) / "angles", table(rows, "\n" + note + " Means over layers."), rows, draw)
+    write_outputs(run / "angles", table(rows, "\n" + note + " Means over layers."), rows, draw)
     per_layer = [e for e in entries if "per_layer" in e]
     if not per_layer:
         return
@@ -558,7 +630,7 @@ def cmd_angles(args):
         ax.set(xlabel="adapted layer (in model order)", ylabel="degrees")
         ax.legend(fontsize=6)
 
-    write_outputs(Path(args.run_dir) / "angles_layers", table(rows, "\n" + note + " One row per layer and regroup."), rows,
+    write_outputs(run / "angles_layers", table(rows, "\n" + note + " One row per layer and regroup."), rows,
                   draw_layers)
 
 
@@ -662,8 +734,11 @@ def main(argv=None):
                    "weights (lora, pissa; cgc with --task), for transformers and the tools that serve models")
     x.add_argument("--task", help="cgc: the task whose gate is merged")
 
-    a = sub.add_parser("angles", help="regroup angles over training (from log.jsonl)")
-    a.add_argument("run_dir")
+    a = sub.add_parser("angles", help="the experts' gradient angles over training (from log.jsonl): regroup "
+                       "diagnostics, and the paper's Figure 4 from runs made with --angles-every")
+    a.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    a.add_argument("--out", help="with several runs: the folder for figure4.md / .csv / .png (new, or written by "
+                   "eval.py angles before)")
     for name, text in (("conflict", "task-gradient cosine matrix"), ("coactivation", "co-activation histogram")):
         s = sub.add_parser(name, help=text + " of a run's adapted model")
         s.add_argument("run_dir")

@@ -137,6 +137,11 @@ def classroom_paper_study() -> dict:
         cells += grid(["lora", "loramoe", "badit", *CONTINUAL_BASELINES], [0], "continual", orders=[order])
     cells += grid(["lora", "badit"], SEEDS, "single")
     cells += grid(["badit"], SEEDS, "mtl", "K=6", ["--num-experts", "6"])
+    cells += ablation_cells(CLASSROOM_ANGLES_EVERY, seeds=SEEDS, figure4=["loramoe", "badit-noregroup", "badit"],
+                            single=["badit-nobad"])
+    for order in (4, 5):  # the paper's 5 orders: 4 and 5 after the ablation
+        for m in ["lora", "loramoe", "badit", *CONTINUAL_BASELINES, "badit-nobad"]:
+            cells += grid([m], [0], "continual", orders=[order], flags=angles_flags(CLASSROOM_ANGLES_EVERY, m))
     return dict(flags=["--data", CLASSROOM, "--eval", "after"], cells=cells, reference="lora")
 
 
@@ -155,7 +160,31 @@ def superni_paper_study() -> dict:
             cells += grid(methods, [0], "continual", orders=[order])
     cells += grid(["lora", "loramoe", "badit-noregroup", "badit"], SEEDS)
     cells += grid(["badit"], SEEDS, "mtl", "K=6", ["--num-experts", "6"])
+    cells += ablation_cells(SUPERNI_ANGLES_EVERY, seeds=SEEDS, figure4=["loramoe", "badit"], figure4_seeds=[0],
+                            single=["lora", "badit", "badit-nobad"])
     return dict(flags=SUPERNI_RECIPE, cells=cells, reference="lora")
+
+
+# The ablation's cells (grown onto both paper studies after they ran): the paper's "w/o BAD" row (badit-nobad)
+# at the joint cells' seeds and the sequential cells' orders, so that each pairs with the committed rows; the
+# single-task runs that ask whether badit's head start survives without the SVD; and the Figure 4 runs, the
+# committed methods again with --angles-every (a diagnostic that changes no number: a row "[angles]" of its own,
+# which must equal the committed one). Every badit-nobad cell carries the diagnostic.
+CLASSROOM_ANGLES_EVERY = 4  # 192 steps a joint run: 48 points
+SUPERNI_ANGLES_EVERY = 5  # 180 steps: 36 points
+
+
+def angles_flags(every: int, method: str) -> list:
+    return ["--angles-every", str(every)] if method in ("loramoe", "badit-noregroup", "badit", "badit-nobad") else []
+
+
+def ablation_cells(every: int, seeds, figure4, figure4_seeds=None, single=()) -> list[Cell]:
+    cells = grid(["badit-nobad"], seeds, flags=angles_flags(every, "badit-nobad"))
+    cells += grid(["badit-nobad"], [0], "continual", flags=angles_flags(every, "badit-nobad"), orders=[1, 2, 3])
+    cells += grid(list(single), seeds, "single")
+    for m in figure4:
+        cells += grid([m], figure4_seeds or seeds, "mtl", "angles", angles_flags(every, m))
+    return cells
 
 
 STUDIES = {"classroom": classroom_study, "superni": superni_study, "classroom-paper": classroom_paper_study,
@@ -316,6 +345,9 @@ def collect(cell: Cell, work: Path, results: Path):
         lines = read_jsonl(log)
         curve = {"loss": [e["loss"] for e in lines if "loss" in e], "regroups": [
             {"step": e["step"], **e["regroup"]} for e in lines if "regroup" in e]}
+        angles = [{"phase": e["phase"], "step": e["step"], **e["angles"]} for e in lines if "angles" in e]
+        if angles:  # --angles-every: the experts' gradient angles over training (means over layers)
+            curve["angles"] = angles
         name = "curve.json" if log.parent == run else f"curve-{log.parent.relative_to(run).as_posix().replace('/', '-')}.json"
         (dest / name).write_text(json.dumps(curve))
     spent = work / "logs" / f"{cell.id}.seconds"

@@ -40,8 +40,9 @@ from tqdm import tqdm
 
 import continual
 import elrea
-from badit import (BRANCH_METHODS, METHODS, REGROUP_STATS, accumulate_regroup_signal, add_adapters, check_adapters, check_top_k,
-                   load_adapters, regroup, reset_regroup_signal, save_adapters)
+from badit import (BRANCH_METHODS, METHODS, REGROUP_METHODS, REGROUP_STATS, accumulate_angle_signal, accumulate_regroup_signal,
+                   add_adapters, check_adapters, check_top_k, gradient_angles, load_adapters, regroup, reset_regroup_signal,
+                   save_adapters)
 from checks import METHOD_FLAGS, InputError, check_method_flags, command, names, number, positive_int
 from data import (CLASSROOM, SUPERNI, answer_loss, batch_order, collate, encode_examples, fingerprint, list_tasks, load_tasks,
                   task_order)
@@ -102,13 +103,17 @@ def parse_args(argv=None):
     g.add_argument("--l2-lambda", type=number(float, 0), help="o-lora: lambda_2, the weight of the new branch's norms "
                    "(default: 0, its scripts')")
 
-    g = p.add_argument_group("regrouping (badit only, SPEC section 5)")
+    g = p.add_argument_group("regrouping (badit and badit-nobad, SPEC section 5)")
     g.add_argument("--regroup-every", type=positive_int, help="regroup every N optimizer steps instead of at the end "
                    "of each epoch in the first half of training")
     g.add_argument("--regroup-until", type=number(float, 0, 1, low_open=True), help="with --regroup-every: stop "
                    "regrouping after this fraction of training (default: 0.5)")
     g.add_argument("--regroup-signal", choices=["accumulated", "last"], help="gradients summed since the last regroup "
                    "(accumulated, the default), or the last step's only (the reference code)")
+    g.add_argument("--angles-every", type=positive_int, help="routed methods (loramoe, badit-noregroup, badit, "
+                   "badit-nobad): log the intra- and inter-expert angles of the experts' gradients, summed over the last N "
+                   "optimizer steps, per layer (the paper's Figure 4; `python eval.py angles RUN ...` draws them). A "
+                   "diagnostic: the run's losses, adapter and scores are the same with it (default: off)")
 
     g = p.add_argument_group("elrea only (SPEC section 6, elrea.py)")
     g.add_argument("--clusters", type=positive_int, help="clusters of training examples asked of spherical k-means; "
@@ -222,7 +227,7 @@ def resumed_args(p, args, argv):
     if not isinstance(saved, dict) or not {"method", "setting", "tasks", "model"} <= set(saved):
         raise InputError(f"{file} is not a train.py configuration (a Hugging Face model's config.json?): --out must be "
                          f"a run directory written by train.py.")
-    return argparse.Namespace(**{**saved, "out": args.out, "device": args.device or saved.get("device"),
+    return argparse.Namespace(**{"angles_every": None, **saved, "out": args.out, "device": args.device or saved.get("device"),
                                  "compile": args.compile, "resume": True, "overwrite": False})  # the run is where --out says
 
 
@@ -253,7 +258,7 @@ def cosine_with_warmup(step: int, total: int, warmup: float) -> float:
 
 def regroup_due(args, epoch: int, step: int, steps_per_epoch: int, end_of_epoch: bool) -> bool:
     """SPEC section 5's schedule: after epochs 1 .. E/2 (1-based), or every N steps until a fraction."""
-    if args.method != "badit":
+    if args.method not in REGROUP_METHODS:
         return False
     if args.regroup_every:
         return step % args.regroup_every == 0 and step <= args.regroup_until * args.epochs * steps_per_epoch
@@ -367,8 +372,10 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                     raise Stop(f"non-finite loss ({loss_value}) at step {step + 1} (epoch {epoch + 1}, batch {b}): "
                                f"training stopped; the last good checkpoint is kept in {ckpt} (if an epoch had "
                                f"finished). Lower --lr, or check the data and --dtype.", exit_code=1)
-                if args.method == "badit":
+                if args.method in REGROUP_METHODS:
                     accumulate_regroup_signal(model)
+                if args.angles_every:
+                    accumulate_angle_signal(model)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
                 optimizer.step()
                 scheduler.step()
@@ -383,6 +390,8 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                                               grad_norm=grad_norm, tokens_per_s=tok_s,
                                               **({"penalty": reg.item()} if reg is not None else {}))) + "\n")
                     log.flush()
+                if args.angles_every and step % args.angles_every == 0:
+                    log_angles(model, log, phase, epoch, step)
                 last = b == len(batches) - 1
                 if regroup_due(args, epoch, step, steps_per_epoch, last):
                     do_regroup(model, optimizer, args, world, log, phase, epoch, step)
@@ -399,6 +408,16 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
             if stopping:
                 raise Stop(f"interrupted after epoch {epoch}: checkpoint saved in {ckpt}; continue with "
                            f"`python train.py --out {run_dir} --resume`.", exit_code=130)
+
+
+def log_angles(model, log, phase, epoch, step):
+    """--angles-every: the experts' gradient angles since the last entry, one log line (every rank computes them, so
+    that each rank's accumulators restart alike; rank 0 writes)."""
+    angles = gradient_angles(model)
+    if log:
+        log.write(json.dumps(dict(phase=phase, epoch=epoch + 1, step=step, angles={k: angles[k] for k in ("intra", "inter")},
+                                  per_layer=angles["per_layer"])) + "\n")
+        log.flush()
 
 
 def do_regroup(model, optimizer, args, world, log, phase, epoch, step):
@@ -557,8 +576,8 @@ def prepare(args):
     phases = [len(train)] if args.setting == "mtl" else [len(of_tasks(train, [t])) for t in args.tasks]
     if args.method == "elrea":
         elrea.check_args(args, min(phases), max([len(test)] + phases))
-    if args.method == "badit" and not any(regroups_in_phase(args, n) for n in phases):
-        print(f"note: this badit run never regroups ({args.epochs} epoch(s); regrouping follows SPEC section 5's "
+    if args.method in REGROUP_METHODS and not any(regroups_in_phase(args, n) for n in phases):
+        print(f"note: this {args.method} run never regroups ({args.epochs} epoch(s); regrouping follows SPEC section 5's "
               f"schedule{f', every {args.regroup_every} steps until {args.regroup_until:g} of training' if args.regroup_every else ''}): "
               f"it is badit-noregroup under another name.")
     data = {"train": fingerprint(train), "test": fingerprint(test)}

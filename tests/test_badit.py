@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from badit import (METHODS, accumulate_regroup_signal, add_adapters, adapters_of, balanced_assignment,
-                   dynamic_orthogonal_grouping, export_peft, grouping_objective, linear_assignment, load_adapters,
-                   merge_adapters, orthogonal_targets, permutation_in_place, regroup, routed_adapters, save_adapters,
-                   spherical_kmeans)
+from badit import (METHODS, accumulate_angle_signal, accumulate_regroup_signal, add_adapters, adapters_of,
+                   balanced_assignment, dynamic_orthogonal_grouping, export_peft, expert_angles, gradient_angles,
+                   grouping_objective, linear_assignment, load_adapters, merge_adapters, orthogonal_targets,
+                   permutation_in_place, regroup, routed_adapters, save_adapters, spherical_kmeans)
 from conftest import left_padded_batch
 from hf import load_model
 from model import generate
@@ -260,8 +260,9 @@ def train_steps(model, batches, optimizer=None, accumulate=True):
         model.zero_grad()
 
 
-def test_regroup_is_an_exact_permutation_and_keeps_uniform_routing_function(tiny_checkpoints):
-    model = adapted(tiny_checkpoints["llama3"], "badit")
+@pytest.mark.parametrize("method", ["badit", "badit-nobad"])
+def test_regroup_is_an_exact_permutation_and_keeps_uniform_routing_function(tiny_checkpoints, method):
+    model = adapted(tiny_checkpoints["llama3"], method)
     ids, mask = left_padded_batch(LENGTHS)
     before_logits = model(ids, mask)
     train_steps(model, [1, 2])  # gradients only: G stays 0, routing uniform
@@ -335,7 +336,7 @@ def test_lora_is_six_experts_without_a_router(tiny_checkpoints):
     torch.testing.assert_close(lora(ids, mask), moe(ids, mask), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["badit", "badit-noregroup", "lora", "cgc"])
+@pytest.mark.parametrize("method", ["badit", "badit-noregroup", "badit-nobad", "lora", "cgc"])
 def test_top_k_is_for_loramoe_only(tiny_checkpoints, method):
     with pytest.raises(ValueError, match="--top-k is for loramoe only"):
         adapted(tiny_checkpoints["llama3"], method, top_k=2)
@@ -498,10 +499,70 @@ def test_bad_input(tiny_checkpoints):
         regroup(adapted(path, "badit"))
 
 
-def test_expert_angles_for_single_components_and_experts():
-    from badit import expert_angles
+def test_expert_angles_of_known_directions():
+    """Hand-made directions: orthogonal experts are 90 degrees apart, equal components 0 within an expert, two
+    components 60 degrees apart give an intra-expert angle of 60; rank 1 has no pairs within (90 by convention)."""
+    e = torch.eye(4)
+    Z = torch.stack([e[0], e[0], e[1], e[1]])[None]  # 2 experts of rank 2: equal within, orthogonal between
+    intra, inter = expert_angles(Z, 2)
+    torch.testing.assert_close(intra, torch.tensor([0.0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(inter, torch.tensor([90.0]), atol=1e-4, rtol=0)
+    c, s = 0.5, 3 ** 0.5 / 2  # cos 60, sin 60
+    Z = torch.stack([e[0], c * e[0] + s * e[1], e[2], c * e[2] + s * e[3]])[None]
+    intra, inter = expert_angles(Z, 2)
+    torch.testing.assert_close(intra, torch.tensor([60.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(inter, torch.tensor([90.0]), atol=1e-4, rtol=0)
+    Z = torch.stack([e[0], e[0], e[0], e[0]])[None]  # two experts pointing the same way
+    torch.testing.assert_close(expert_angles(Z, 2)[1], torch.tensor([0.0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(expert_angles(Z, 1)[0], torch.tensor([90.0]))
 
-    Z = torch.nn.functional.normalize(torch.randn(2, 6, 10), dim=-1)
-    for r in (1, 6):  # six experts of rank 1; one expert of rank 6
-        intra, inter = expert_angles(Z, r)
-        assert torch.isfinite(intra).all() and torch.isfinite(inter).all()
+
+def test_badit_nobad_is_loramoe_with_badits_regroup(tiny_checkpoints):
+    """The paper's "w/o BAD" (badit-nobad): loramoe's experts (same seed: the same A, B = 0, W untouched), and
+    DOG regroups them."""
+    path = tiny_checkpoints["llama3"]
+    torch.manual_seed(0)
+    nobad = adapted(path, "badit-nobad")
+    torch.manual_seed(0)
+    moe = adapted(path, "loramoe")
+    W = load_model(path, device="cpu", dtype=torch.float32).layers[0].mlp.gate_proj.weight
+    for name, a in routed_adapters(nobad).items():
+        b = routed_adapters(moe)[name]
+        assert torch.equal(a.A, b.A) and a.A.abs().sum() > 0 and torch.equal(a.B, torch.zeros_like(a.B))
+        assert not hasattr(a, "A0")  # no SVD, no residual
+    assert torch.equal(adapters_of(nobad)["layers.0.mlp.gate_proj"].base.weight, W)
+    train_steps(nobad, [1, 2])
+    assert regroup(nobad)["moved"] > 0
+
+
+def test_gradient_angles_follow_the_gradients_and_restart(tiny_checkpoints):
+    """The --angles-every diagnostic: the angles of the summed gradients, equal to expert_angles on them by hand,
+    every routed method; the sum restarts after each reading and follows a regroup's permutation."""
+    model = adapted(tiny_checkpoints["llama3"], "loramoe")
+    ids, mask = left_padded_batch(LENGTHS)
+    sums = {}
+    for seed in (1, 2):
+        randomize_adapters(model, seed=seed, scale=0.05)
+        loss_of(model, ids, mask).backward()
+        accumulate_angle_signal(model)
+        for name, a in routed_adapters(model).items():
+            z = torch.cat([a.A.grad, a.B.grad.T], 1)
+            sums[name] = sums.get(name, 0) + z
+        model.zero_grad()
+    got = gradient_angles(model)
+    assert got["per_layer"]["layer"] == list(routed_adapters(model))
+    for i, name in enumerate(got["per_layer"]["layer"]):
+        intra, inter = expert_angles(torch.nn.functional.normalize(sums[name], dim=-1)[None], 4)
+        assert got["per_layer"]["intra"][i] == pytest.approx(intra.item(), abs=1e-4)
+        assert got["per_layer"]["inter"][i] == pytest.approx(inter.item(), abs=1e-4)
+    assert got["intra"] == pytest.approx(sum(got["per_layer"]["intra"]) / 3)
+    assert all((a.angle_sum == 0).all() for a in routed_adapters(model).values())
+
+    badit = adapted(tiny_checkpoints["llama3"], "badit")  # a regroup permutes the diagnostic's sum with A and B
+    loss_of(badit, ids, mask).backward()
+    accumulate_regroup_signal(badit)
+    accumulate_angle_signal(badit)
+    before = {n: a.angle_sum.clone() for n, a in routed_adapters(badit).items()}
+    perms = regroup(badit)["permutations"]
+    for name, a in routed_adapters(badit).items():
+        assert torch.equal(a.angle_sum, before[name][torch.tensor(perms[name])])

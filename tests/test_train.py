@@ -16,7 +16,7 @@ import torch
 import eval as evaluation
 import runs
 import train
-from badit import METHODS, REGROUP_STATS, adapter_state
+from badit import METHODS, REGROUP_METHODS, REGROUP_STATS, adapter_state
 from conftest import ROOT, interrupt_at
 from hf import load_model
 
@@ -45,7 +45,7 @@ def test_every_method_trains_saves_and_evaluates(tiny_trainable, tmp_path, metho
     steps = losses(out)
     assert len(steps) == 8 and all(torch.isfinite(torch.tensor(loss)) for _, loss in steps)
     regroups = [e for e in log_of(out) if "regroup" in e]
-    assert len(regroups) == (1 if method == "badit" else 0)  # after epoch 1 of 2
+    assert len(regroups) == (1 if method in REGROUP_METHODS else 0)  # after epoch 1 of 2
     for name in ("metrics_before.json", "metrics_test.json", "metrics_test_predictions.jsonl", "adapter.safetensors"):
         assert (out / name).is_file()
 
@@ -60,6 +60,31 @@ def test_every_method_trains_saves_and_evaluates(tiny_trainable, tmp_path, metho
     assert metrics["task_ids_used"] == (method == "cgc")
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "metrics_eval_test_2_predictions.jsonl").open()]
     assert len(predictions) == 4 and all({"prompt", "references", "prediction"} <= set(p) for p in predictions)
+
+
+@pytest.mark.parametrize("method", ["badit-nobad", "loramoe"])
+def test_the_angle_diagnostic_changes_no_number_of_the_run(tiny_trainable, tmp_path, method):
+    """--angles-every logs the experts' gradient angles, and the run is bitwise the run without it: losses,
+    regroups, adapter, predictions."""
+    extra = ["--method", method, "--epochs", "3", "--eval", "after"]
+    run(tiny_trainable, tmp_path / "plain", *extra)
+    run(tiny_trainable, tmp_path / "angles", *extra, "--angles-every", "2")
+    assert losses(tmp_path / "angles") == losses(tmp_path / "plain")
+    for a, b in zip(adapter_state_of(tmp_path / "plain"), adapter_state_of(tmp_path / "angles")):
+        assert torch.equal(a, b)
+    for name in ("metrics_test.json", "metrics_test_predictions.jsonl"):
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "angles" / name).read_bytes()
+    regroups = [[e["permutations"] for e in log_of(out) if "regroup" in e] for out in (tmp_path / "plain", tmp_path / "angles")]
+    assert regroups[0] == regroups[1] and len(regroups[0]) == (1 if method == "badit-nobad" else 0)
+    angles = [e for e in log_of(tmp_path / "angles") if "angles" in e]
+    assert [e["step"] for e in angles] == list(range(2, 13, 2))  # 3 epochs of 4 steps, every 2nd step
+    for e in angles:
+        assert len(e["per_layer"]["layer"]) == len(e["per_layer"]["intra"]) == 3  # the tiny model's 3 gate_proj
+        assert 0 < e["angles"]["intra"] < 180 and 0 < e["angles"]["inter"] < 180
+    evaluation.main(["angles", str(tmp_path / "angles")])
+    assert (tmp_path / "angles" / "figure4.csv").read_text().count("\n") == 7  # the header and 6 rows
+    with pytest.raises(ValueError, match="is for loramoe, badit-noregroup, badit, badit-nobad only"):
+        run(tiny_trainable, tmp_path / "lora", "--method", "lora", "--angles-every", "2")
 
 
 @pytest.mark.parametrize("at_step", [2, 4])  # mid-epoch 1; at its end, after the regroup
