@@ -2,11 +2,12 @@
 
 The speed of a training step or of decoding depends on the shapes, not on the weights' values, so
 bench/bench_train.py and bench/bench_generate.py can measure Llama-3.2-1B- or Llama-3.1-8B-sized work
-without the real checkpoints (which this machine cannot download). The folder is a Hugging Face-style
+without the real checkpoints (which this machine cannot download); `demo` is the demo model's shape (for a
+machine without the demo model), `tiny` a few layers for tests. The folder is a Hugging Face-style
 Llama checkpoint (config.json, bf16 model.safetensors) that both model.py and transformers load, with
 the demo model's tokenizer (49,152 tokens, inside the 128,256-token vocabulary).
 
-    python scripts/random_checkpoint.py 8b /tmp/llama-8b
+    python scripts/random_checkpoint.py 8b /tmp/llama-8b             # also: 1b, demo (SmolLM2-135M's), tiny
     python bench/bench_train.py --model /tmp/llama-8b --dtypes bfloat16 --warmup 10 --steps 30
 """
 
@@ -21,6 +22,10 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # config.json fields of the released models (Llama-3.2-1B ties its embeddings)
+    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,  # the CPU tests'
+                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, vocab_size=49152),
+    "demo": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,  # SmolLM2-135M
+                 num_key_value_heads=3, head_dim=64, tie_word_embeddings=True, vocab_size=49152, rope_theta=100000.0),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -61,7 +66,7 @@ def main():
     if not (args.tokenizer_from / "tokenizer.json").is_file():
         sys.exit(f"{args.tokenizer_from}: no tokenizer.json. Run scripts/prepare_smollm2.py or pass --tokenizer-from.")
     cfg = json.loads((args.tokenizer_from / "config.json").read_text())
-    cfg.update(SHAPES[args.shape], vocab_size=128256, rope_theta=500000.0, torch_dtype="bfloat16")
+    cfg.update({"vocab_size": 128256, "rope_theta": 500000.0, **SHAPES[args.shape], "torch_dtype": "bfloat16"})
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(args.tokenizer_from / name, args.out / name)

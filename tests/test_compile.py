@@ -99,3 +99,10 @@ def test_a_compiled_run_trains_as_the_eager_one(tiny_trainable, tmp_path):
         curves.append([json.loads(line)["loss"] for line in (out / "log.jsonl").open() if '"loss"' in line])
     assert len(curves[0]) == 8
     torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=2e-2, atol=0)
+
+
+def test_compile_is_on_by_default_for_the_papers_recipe_on_cuda_only():
+    """The default the H200 measurements chose (README, Benchmarks): long runs on CUDA compile, the classroom job and
+    the CPU do not."""
+    assert train.default_compile("cuda", "superni") and train.default_compile("cuda", "/data/my-tasks")
+    assert not train.default_compile("cuda", "classroom") and not train.default_compile("cpu", "superni")
