@@ -268,9 +268,9 @@ def write_outputs(out_base: Path, markdown: str, rows: list[list], draw=None, pa
     print(f"wrote {out_base.with_suffix('.md')} and .csv" + (" and .png" if png else ""))
 
 
-def maybe_plot(out_base: Path, draw, panels: int = 1) -> Path | None:
-    """out_base.png drawn by draw(ax) (or draw(axes), side by side, with panels > 1), when matplotlib is installed
-    -> its path, or None."""
+def maybe_plot(out_base: Path, draw, panels: int = 1, grid: tuple | None = None, size: tuple | None = None) -> Path | None:
+    """out_base.png drawn by draw(ax) (or draw(axes): `panels` side by side, or a (rows, cols) grid), when matplotlib
+    is installed -> its path, or None."""
     try:
         import matplotlib
 
@@ -278,9 +278,9 @@ def maybe_plot(out_base: Path, draw, panels: int = 1) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(1, panels, figsize=(6 * panels, 4))
+    rows, cols = grid or (1, panels)
+    fig, ax = plt.subplots(rows, cols, figsize=size or (6 * cols, 4 * rows), squeeze=grid is None, layout="constrained")
     draw(ax)
-    fig.tight_layout()
     fig.savefig(out_base.with_suffix(".png"), dpi=120)
     plt.close(fig)
     return out_base.with_suffix(".png")

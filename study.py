@@ -542,6 +542,9 @@ def summarise(results: Path) -> dict:
         if regroups:
             r["regroups"] = [{k: [g[i][k] for g in regroups] for k in regroups[0][0]} for i in range(len(regroups[0]))]
         r["curves"] = {s: mtl[s]["curve"]["loss"] for s in sorted(mtl) if "curve" in mtl[s]}
+        angles = {s: mtl[s]["curve"]["angles"] for s in sorted(mtl) if "angles" in mtl[s].get("curve", {})}
+        if angles:  # --angles-every: the experts' gradient angles over training, per seed
+            r["angles"] = angles
         r["method"] = next(c["method"] for c in study["cells"] if c["kind"] == "train" and row_of(c) == row)
         out["rows"][row] = r
     for row, r in out["rows"].items():  # every method against the reference, every variant against its method
@@ -554,6 +557,8 @@ def summarise(results: Path) -> dict:
     continual = [c for c in trained if c["setting"] == "continual" and "continual" in c]
     single = {(row_of(c), c["seed"]): c for c in trained if c["setting"] == "single"}
     out["continual"] = {continual_label(c): continual_summary(c, single.get((row_of(c), c["seed"]))) for c in continual}
+    out["continual_matrices"] = {continual_label(c): {"row": row_of(c), "order": c.get("order"), "seed": c["seed"],
+                                                      "rougeL": c["continual"]["rougeL"]} for c in continual}
     out["continual_rows"] = continual_rows(continual, out["continual"], study["reference"])
     out["analyses"] = {}
     for c in cells:
@@ -777,22 +782,93 @@ def write_summary(name: str, results: Path) -> str:
 
 
 def plots(s: dict, results: Path):
-    """scores.png, angles.png and coactivation.png (eval.maybe_plot: only when matplotlib is installed)."""
+    """The pictures of a summary (eval.maybe_plot: only when matplotlib is installed): scores.png (each run's average
+    as a point, the mean and spread of its seeds, the reference's mean marked), angles.png (regroup diagnostics),
+    figure4.png (the experts' gradient angles over training, the paper's Figure 4), continual.png (each sequential
+    run's accuracy matrix) and continual_average.png (the average over the tasks learned so far, after each task),
+    coactivation.png."""
     rows = {h: r for h, r in s["rows"].items() if r["average"]}
+    reference = s["reference"]
 
     def scores(ax):
-        ax.bar(range(len(rows)), [np.mean(r["average"]) for r in rows.values()],
-               yerr=[np.std(r["average"], ddof=1) if len(r["average"]) > 1 else 0 for r in rows.values()], capsize=4)
-        ax.set_xticks(range(len(rows)), list(rows), rotation=45, ha="right")
-        ax.set_ylabel("average ROUGE-L (mean ± std over seeds)")
+        names = list(rows)[::-1]  # the first row at the top
+        for y, h in enumerate(names):
+            values = rows[h]["average"]
+            mean = float(np.mean(values))
+            spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            ax.errorbar(mean, y, xerr=spread, fmt="D", color="black", capsize=4, markersize=5, zorder=3)
+            ax.scatter(values, [y] * len(values), color="tab:red" if h == reference else "tab:blue", alpha=0.6, zorder=2)
+        if reference in rows:
+            ax.axvline(float(np.mean(rows[reference]["average"])), color="tab:red", linestyle="--", linewidth=1,
+                       label=f"{reference} (the reference): mean")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_yticks(range(len(names)), [f"{h} ({len(rows[h]['average'])} seeds)" for h in names], fontsize=8)
+        ax.set_xlabel("average ROUGE-L (points: seeds; diamond and bar: mean ± standard deviation)")
+        ax.grid(axis="x", alpha=0.3)
 
     def angles(ax):
-        for h, r in rows.items():
+        for h, r in regrouped.items():
             for key in ("intra_after", "inter_after"):
                 ax.plot([np.mean(g["step"]) for g in r["regroups"]], [np.mean(g[key]) for g in r["regroups"]],
                         marker="o", label=f"{h}: {key}")
         ax.set(xlabel="optimizer step", ylabel="degrees")
         ax.legend(fontsize=7)
+
+    def figure4(axes):
+        from eval import PAPER_ANGLES
+
+        for ax, key in zip(axes, ("inter", "intra")):
+            for h, r in with_angles.items():
+                per_seed = list(r["angles"].values())
+                n = min(len(a) for a in per_seed)
+                values = np.array([[e[key] for e in a[:n]] for a in per_seed])  # (seeds, points)
+                steps = [e["step"] for e in per_seed[0][:n]]
+                line, = ax.plot(steps, values.mean(0), label=f"{h} ({len(per_seed)} seeds)")
+                if len(per_seed) > 1:
+                    ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+            for level, text in PAPER_ANGLES[key]:
+                ax.axhline(level, color="gray", linestyle=":", linewidth=1)
+                ax.annotate(text, (0.01, level), xycoords=("axes fraction", "data"), fontsize=7, color="gray", va="bottom")
+            ax.set(xlabel="optimizer step", ylabel="degrees (mean over layers; band: seeds' range)",
+                   title=f"{key}-expert gradient angle")
+        axes[0].legend(fontsize=7)
+
+    matrices = s.get("continual_matrices", {})
+    full = {k: m for k, m in matrices.items() if m["rougeL"] and len(m["rougeL"]) == len(m["rougeL"][0])}
+    methods = list(dict.fromkeys(m["row"] for m in full.values()))
+    orders = sorted({(m["order"] if m["order"] is not None else -1, m["seed"]) for m in full.values()})
+
+    def heatmaps(axes):
+        for i, (order, seed) in enumerate(orders):
+            for j, method in enumerate(methods):
+                ax = axes[i][j]
+                m = next((m for m in full.values() if m["row"] == method and (m["order"] if m["order"] is not None
+                                                                              else -1, m["seed"]) == (order, seed)), None)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if m is None:
+                    ax.axis("off")
+                    continue
+                image = ax.imshow(np.array(m["rougeL"]), vmin=0, vmax=100, cmap="viridis")
+                ax.set_title(f"{method}, {'order ' + str(order) if order >= 0 else 'shuffled'}, seed {seed}", fontsize=8)
+                if j == 0:
+                    ax.set_ylabel("after task t", fontsize=7)
+                if i == len(orders) - 1:
+                    ax.set_xlabel("score on task i", fontsize=7)
+        axes[0][-1].figure.colorbar(image, ax=axes, shrink=0.6, label="ROUGE-L")
+
+    def averages(ax):
+        for method in methods:
+            curves = np.array([[np.mean(row[:t + 1]) for t, row in enumerate(m["rougeL"])]
+                               for m in full.values() if m["row"] == method])  # (runs, tasks)
+            x = np.arange(1, curves.shape[1] + 1)
+            line, = ax.plot(x, curves.mean(0), marker="o", markersize=3, label=f"{method} ({len(curves)} runs)")
+            if len(curves) > 1:
+                ax.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.12)
+        ax.set(xlabel="tasks trained", ylabel="average ROUGE-L over the tasks learned so far",
+               title="sequential setting: mean over orders (band: their range)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
 
     def coactivation(ax):
         width = 0.8 / len(s["analyses"])
@@ -803,10 +879,17 @@ def plots(s: dict, results: Path):
         ax.legend(fontsize=7)
 
     if rows:
-        maybe_plot(results / "scores", scores)
-    if any(r.get("regroups") for r in rows.values()):
-        rows = {h: r for h, r in rows.items() if r.get("regroups")}
+        maybe_plot(results / "scores", scores, size=(8, 1.2 + 0.4 * len(rows)))
+    regrouped = {h: r for h, r in rows.items() if r.get("regroups")}
+    if regrouped:
         maybe_plot(results / "angles", angles)
+    with_angles = {h: r for h, r in rows.items() if r.get("angles")}
+    if with_angles:
+        maybe_plot(results / "figure4", figure4, panels=2)
+    if full:
+        maybe_plot(results / "continual", heatmaps, grid=(len(orders), len(methods)),
+                   size=(2.6 * len(methods) + 1, 2.6 * len(orders)))
+        maybe_plot(results / "continual_average", averages, size=(8, 5))
     if s["analyses"]:
         maybe_plot(results / "coactivation", coactivation)
 

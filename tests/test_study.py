@@ -269,3 +269,37 @@ def test_a_tiny_study_survives_being_stopped_mid_cell(tiny_trainable, tmp_path):
     assert not list((tmp_path / "cut" / "results").rglob("*.safetensors"))  # no adapters in results/
     text = (tmp_path / "cut" / "results" / "tiny" / "summary.md").read_text()
     assert text.startswith("# Study `tiny`") and "Command: `python study.py tiny --methods lora,badit" in text
+
+
+def test_the_pictures_and_the_angles_over_training(tmp_path):
+    """A summary with joint, sequential and --angles-every cells: each row's angles per seed as the cells recorded
+    them, each sequential cell's accuracy matrix, and (with matplotlib) the pictures: scores, Figure 4, the matrices
+    and the average after each task."""
+    rng = np.random.default_rng(0)
+    cells = []
+    for method in ("lora", "badit-nobad"):
+        for seed in (0, 1):
+            cell = write_cell(tmp_path, f"{method}-s{seed}", method, seed, scores={"a": 40.0 + seed, "b": 60.0})
+            if method == "badit-nobad":
+                angles = [{"phase": 0, "step": s, "intra": 80.0 - s, "inter": 90.0 + seed} for s in (4, 8)]
+                (tmp_path / "cells" / cell["id"] / "curve.json").write_text(json.dumps({"loss": [1.0], "regroups": [],
+                                                                                       "angles": angles}))
+            cells.append(cell)
+        id = f"{method}-continual-o1-s0"
+        a = rng.uniform(0, 100, (2, 2)).round(1).tolist()
+        cell = dict(write_cell(tmp_path, id, method, 0, "continual", scores={"a": a[-1][0], "b": a[-1][1]}), order=1)
+        (tmp_path / "cells" / id / "cell.json").write_text(json.dumps(cell))
+        (tmp_path / "cells" / id / "continual.json").write_text(json.dumps({"order": ["a", "b"], "rougeL": a}))
+        cells.append(cell)
+    (tmp_path / "study.json").write_text(json.dumps({"command": "python study.py t", "flags": [], "reference": "lora",
+                                                     "cells": cells}))
+    s = study.summarise(tmp_path)
+    assert s["rows"]["badit-nobad"]["angles"][1] == [{"phase": 0, "step": 4, "intra": 76.0, "inter": 91.0},
+                                                     {"phase": 0, "step": 8, "intra": 72.0, "inter": 91.0}]
+    assert "angles" not in s["rows"]["lora"]
+    assert s["continual_matrices"]["badit-nobad (order 1, seed 0)"]["rougeL"] == json.loads(
+        (tmp_path / "cells" / "badit-nobad-continual-o1-s0" / "continual.json").read_text())["rougeL"]
+    pytest.importorskip("matplotlib")
+    study.plots(s, tmp_path)
+    for name in ("scores", "figure4", "continual", "continual_average"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
