@@ -1,9 +1,9 @@
-"""BADIT and the adapters it is compared with, side by side (SPEC sections 2 to 6 and 9).
+"""BADIT and the adapters it is compared with, side by side (METHOD.md sections 2 to 6 and 9).
 
 Every adapter wraps a frozen nn.Linear (weight W, m x n) and adds N rank-1 components, stored as
 one A (N x n) and one B (m x N), each weighted per sequence by a coefficient c_j:
 
-    y = x W^T + s ((dropout(x) A^T) * c) B^T            s = alpha / r            (SPEC section 4)
+    y = x W^T + s ((dropout(x) A^T) * c) B^T            s = alpha / r            (METHOD.md section 4)
 
 and the methods differ only in N, in how A and B start, and in where c comes from:
 
@@ -57,11 +57,11 @@ REGROUP_METHODS = ("badit", "badit-nobad")  # DOG during training (section 5); b
 
 
 # ----------------------------------------------------------------------------------------------
-# Routing: what the adapters know of the batch (SPEC section 4)
+# Routing: what the adapters know of the batch (METHOD.md section 4)
 
 
 class Routing:
-    """The router's data flow, from the prompt mask to the gate decoding reuses (SPEC section 4).
+    """The router's data flow, from the prompt mask to the gate decoding reuses (METHOD.md section 4).
 
     1. data.collate marks each example's prompt: `route` (B, L) is 1 on the prompt's tokens, 0 on the
        answer and the padding (a router that saw the answer would route on what it is asked to produce).
@@ -153,7 +153,7 @@ class Adapter(nn.Module):
 class LoRA(Adapter):
     """lora and pissa: one low-rank update of rank N = r_lora, no router.
 
-    Each component is scaled by s = alpha / r with r the expert rank, as in every method (SPEC section
+    Each component is scaled by s = alpha / r with r the expert rank, as in every method (METHOD.md section
     6): a rank-32 LoRA is then exactly eight rank-4 experts without a router. PEFT would use alpha / r_lora.
     """
 
@@ -162,7 +162,7 @@ class LoRA(Adapter):
 
 
 class MoE(Adapter):
-    """loramoe, badit-noregroup, badit and badit-nobad: K experts of rank r and a per-sequence router (SPEC section 4).
+    """loramoe, badit-noregroup, badit and badit-nobad: K experts of rank r and a per-sequence router (METHOD.md section 4).
 
     The gate is computed from the mean of the layer input over the routing positions (the prompt,
     never padding or answer tokens) once per sequence, and reused while decoding.
@@ -176,7 +176,7 @@ class MoE(Adapter):
     def coefficients(self, x):
         if self.routing.mask is None:  # decoding: the gate computed at prefill
             return self.kept.gate
-        with torch.autocast(x.device.type, enabled=False):  # the router in float32 (SPEC section 8)
+        with torch.autocast(x.device.type, enabled=False):  # the router in float32 (METHOD.md section 8)
             m = self.routing.mask.float()[..., None]  # (B, L, 1)
             xbar = (x.float() * m).sum(1) / m.sum(1).clamp(min=1)  # (B, n) masked mean over the prompt
             g = torch.softmax(xbar @ self.G.T, dim=-1)  # (B, K)
@@ -189,7 +189,7 @@ class MoE(Adapter):
 
 
 class CGC(Adapter):
-    """CGC-LoRA: Kc common experts shared by all tasks and Ks specific experts per task (SPEC section 6).
+    """CGC-LoRA: Kc common experts shared by all tasks and Ks specific experts per task (METHOD.md section 6).
 
     Task t sees the common experts and its own Ks; its gate is a free logit vector over those
     Kc + Ks experts (zeros at start), softmax, times Kc + Ks so that c = 1 at start as for the
@@ -215,7 +215,7 @@ class CGC(Adapter):
 
 
 class Ensemble(Adapter):
-    """ELREA's C + 1 LoRAs (base + one per cluster) stacked as M blocks of r_lora components (SPEC
+    """ELREA's C + 1 LoRAs (base + one per cluster) stacked as M blocks of r_lora components (METHOD.md
     section 6, step 5): a batch row uses only its own member's block, the member index given per row
     as routing.task_ids, so that one forward runs every member over the shared base model."""
 
@@ -322,14 +322,14 @@ class TaskGates(nn.Module):
         return medium, F.silu(torch.einsum("bth,tdh->btd", medium, self.W2))
 
     def forward(self, embeddings, mask):  # -> a (B, T)
-        with torch.autocast(embeddings.device.type, enabled=False):  # float32, as the routers (SPEC section 8)
+        with torch.autocast(embeddings.device.type, enabled=False):  # float32, as the routers (METHOD.md section 8)
             _, g = self.parts(self.pooled(embeddings, mask))
             cos = F.cosine_similarity(g, self.key[None], dim=-1, eps=1e-12)  # (B, T)
             return (2 * torch.sigmoid(4 * cos) - 1).abs()
 
 
 # ----------------------------------------------------------------------------------------------
-# Initialisation (SPEC sections 3 and 6)
+# Initialisation (METHOD.md sections 3 and 6)
 
 
 def kaiming_init(adapter: Adapter):
@@ -339,7 +339,7 @@ def kaiming_init(adapter: Adapter):
 
 
 def svd_init_experts(adapter: Adapter):
-    """SPEC section 3: the N components start as the top N singular triplets of W0, in order.
+    """METHOD.md section 3: the N components start as the top N singular triplets of W0, in order.
 
     W0 = U diag(S) Vh; A[j] = sqrt(S_j / s) Vh[j], B[:, j] = sqrt(S_j / s) U[:, j], so that
     s B[:, j] A[j] = S_j u_j v_j^T; expert e gets triplets e r .. e r + r - 1 (expert 0 the largest).
@@ -369,7 +369,7 @@ def set_residual(adapter: Adapter):
 def add_adapters(model, method: str, targets=("gate_proj",), num_experts=8, rank=4, alpha=32.0, dropout=0.05,
                  lora_rank=None, top_k=None, num_tasks=None, common_experts=6, task_experts=2, members=None,
                  init=True) -> dict:
-    """Wrap the target linears of a model.py Transformer, freeze everything else (SPEC section 6).
+    """Wrap the target linears of a model.py Transformer, freeze everything else (METHOD.md section 6).
 
     lora and pissa use lora_rank (default num_experts x rank, the same total rank as BADIT).
     cgc needs num_tasks; elrea (an ensemble of trained LoRAs, filled by elrea.py) needs members.
@@ -426,10 +426,10 @@ def add_adapters(model, method: str, targets=("gate_proj",), num_experts=8, rank
 
 
 def check_top_k(method: str, top_k: int | None, num_experts: int):
-    """Sparse routing (SPEC section 4): loramoe only, and 1 <= k <= K (train.py checks it too, before any run)."""
+    """Sparse routing (METHOD.md section 4): loramoe only, and 1 <= k <= K (train.py checks it too, before any run)."""
     if top_k is not None and method != "loramoe":
         why = ("with SVD experts the tied gates at step 0 would drop all but k experts and the model would not start "
-               "at its own function (SPEC section 4)" if method in SVD_METHODS else "it is badit's ablation and routes "
+               "at its own function (METHOD.md section 4)" if method in SVD_METHODS else "it is badit's ablation and routes "
                "densely as badit does" if method == "badit-nobad" else f"{method} has no router")
         raise InputError(f"--top-k is for loramoe only: {why}. Leave --top-k out for {method}.")
     if top_k is not None and not 1 <= top_k <= num_experts:
@@ -438,7 +438,7 @@ def check_top_k(method: str, top_k: int | None, num_experts: int):
 
 def check_adapters(model, method: str, targets, num_experts: int, rank: int, lora_rank: int | None) -> list[str]:
     """The names of the linears `targets` selects, refusing an unknown method, targets that match no linear
-    layer, and SVD components that do not fit a layer (SPEC section 3.1). Works on a model on the meta
+    layer, and SVD components that do not fit a layer (METHOD.md section 3.1). Works on a model on the meta
     device, so that a run can check its adapters before any weight is loaded."""
     if method not in ADAPTERS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(ADAPTERS)}.")
@@ -468,7 +468,7 @@ def adapters_of(model) -> dict[str, Adapter]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Spherical k-means, batched over layers (SPEC section 5)
+# Spherical k-means, batched over layers (METHOD.md section 5)
 
 
 def _kmeans_pp(gram, u):
@@ -624,7 +624,7 @@ def linear_assignment(cost):
 
 
 def balanced_assignment(sim, r: int):
-    """SPEC section 5, step 3: exactly r components per target, maximising sum_j sim[j, k(j)]: an exact linear
+    """METHOD.md section 5, step 3: exactly r components per target, maximising sum_j sim[j, k(j)]: an exact linear
     assignment of the N components to N slots, each target repeated r times. sim (L, N, K), N = K r -> (L, N)."""
     L, N, K = sim.shape
     if N != K * r:
@@ -633,12 +633,12 @@ def balanced_assignment(sim, r: int):
 
 
 def grouping_objective(Z, groups, K: int):
-    """J = sum_k ||sum_{j in group k} g_j||^2 (SPEC section 5) of unit rows Z (L, N, D) -> (L,)."""
+    """J = sum_k ||sum_{j in group k} g_j||^2 (METHOD.md section 5) of unit rows Z (L, N, D) -> (L,)."""
     return (F.one_hot(groups, K).to(Z.dtype).transpose(1, 2) @ Z).pow(2).sum((1, 2))
 
 
 def orthogonal_targets(Z, groups, K: int):
-    """SPEC section 5, step 2: the centroid matrix C (L, K, D), c_k = sum_{j in k} g_j, and its polar factor
+    """METHOD.md section 5, step 2: the centroid matrix C (L, K, D), c_k = sum_{j in k} g_j, and its polar factor
     Q = U V^T from the thin SVD C = U S V^T: the orthonormal rows nearest to C, row k still group k's."""
     C = F.one_hot(groups, K).to(Z.dtype).transpose(1, 2) @ Z
     U, _, Vh = torch.linalg.svd(C, full_matrices=False)
@@ -646,7 +646,7 @@ def orthogonal_targets(Z, groups, K: int):
 
 
 def dynamic_orthogonal_grouping(Z, r: int, n_init=10, max_iter=100, seed=0, max_rounds=10):
-    """DOG, SPEC section 5, steps 1 to 4, on the unit gradient directions Z (L, N, D) of L layers at once.
+    """DOG, METHOD.md section 5, steps 1 to 4, on the unit gradient directions Z (L, N, D) of L layers at once.
 
     1. spherical k-means into K = N / r clusters, then the exact balanced assignment to its unit centroids;
     2. orthogonal targets Q from the centroid matrix of the current groups;
@@ -677,7 +677,7 @@ def dynamic_orthogonal_grouping(Z, r: int, n_init=10, max_iter=100, seed=0, max_
 
 
 def match_clusters_to_experts(labels, sim, r: int):
-    """SPEC section 5, "Matching clusters to experts": k-means numbers its clusters arbitrarily, so
+    """METHOD.md section 5, "Matching clusters to experts": k-means numbers its clusters arbitrarily, so
     give expert e the cluster sharing most members with it (an exact assignment on the K x K
     overlap matrix), ties broken by how similar the expert's current members are to the cluster's
     centroid. labels (L, N) k-means clusters, sim (L, N, K) -> cluster (L, K) matched to each expert."""
@@ -694,7 +694,7 @@ def permutation_in_place(expert, sim, r: int):
     """expert (L, N): each component's new expert, r each -> perm (L, N), new component i = old perm[i].
 
     A component whose expert does not change keeps its slot, so an unchanged partition is the
-    identity; the newcomers of an expert take its free slots in descending similarity (SPEC section 5).
+    identity; the newcomers of an expert take its free slots in descending similarity (METHOD.md section 5).
     """
     L, N = expert.shape
     position = torch.arange(N, device=expert.device).expand(L, N)
@@ -709,7 +709,7 @@ def permutation_in_place(expert, sim, r: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Regrouping BADIT's components (SPEC section 5)
+# Regrouping BADIT's components (METHOD.md section 5)
 
 
 def routed_adapters(model) -> dict[str, MoE]:
@@ -820,16 +820,16 @@ REGROUP_STATS = ("intra_before", "intra_after", "inter_before", "inter_after", "
 @torch.no_grad()
 def regroup(model, optimizer=None, signal: str = "accumulated", n_init: int = 10, max_iter: int = 100, seed: int = 0,
             sync=None) -> dict:
-    """Regroup every routed adapter's rank-1 components by DOG on their gradient directions (SPEC section 5).
+    """Regroup every routed adapter's rank-1 components by DOG on their gradient directions (METHOD.md section 5).
 
     signal: "accumulated" (summed since the last regroup, the default) or "last" (the last optimizer
-    step's gradient only, the reference code's behaviour). seed: the k-means++ draws'; train.py derives it
+    step's gradient only, the authors' code's behaviour, METHOD.md section 9). seed: the k-means++ draws'; train.py derives it
     from (run seed, phase, regroup index), so that successive regroups do not reuse the same draws. Layers
     of equal shape are grouped in one batch on the parameters' device (dynamic_orthogonal_grouping); the
     groups are matched to the current experts, and each layer's components are permuted in place. sync
     (data parallel): maps {layer: permutation} to the permutations to apply, e.g. rank 0's everywhere. The
     permutation is applied to A, B, their gradients and optimizer state; the router G is left unchanged;
-    the signal restarts. Returns the diagnostics of SPEC section 5 (REGROUP_STATS) averaged over layers
+    the signal restarts. Returns the diagnostics of METHOD.md section 5 (REGROUP_STATS) averaged over layers
     (moved: the total, and moved_mean), per layer (with the layers' names), and each layer's permutation.
     """
     if signal not in ("accumulated", "last"):
@@ -945,7 +945,7 @@ def remove_adapters(model):
 def export_peft(model, out_dir, base_model_name_or_path: str = ""):
     """Write a lora or pissa adapter in PEFT's format (adapter_config.json + adapter_model.safetensors).
 
-    PEFT scales by lora_alpha / r, so lora_alpha = s x r_lora keeps our s = alpha / r (SPEC section 6).
+    PEFT scales by lora_alpha / r, so lora_alpha = s x r_lora keeps our s = alpha / r (METHOD.md section 6).
     A pissa adapter is exported as PEFT's documented PiSSA-to-LoRA conversion: rank 2 r_lora with
     A' = [A; A0], B' = [B, -B0] (lora_alpha doubled too, keeping s), so that it applies to the
     original, unmodified base weights: W0 + s (B A - B0 A0) = W_res + s B A.

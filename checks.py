@@ -71,7 +71,7 @@ METHOD_FLAGS = {
     "--lora-rank": ("lora", "pissa", "elrea", "o-lora", "gainlora"),
     "--orth-lambda": ("o-lora",),
     "--l2-lambda": ("o-lora",),
-    "--top-k": ("loramoe",),  # badit's SVD experts would not start at the base function (SPEC section 4)
+    "--top-k": ("loramoe",),  # badit's SVD experts would not start at the base function (METHOD.md section 4)
     "--common-experts": ("cgc",),
     "--task-experts": ("cgc",),
     "--regroup-every": ("badit", "badit-nobad"),

@@ -1,4 +1,4 @@
-"""SuperNI data (SPEC section 7): reading tasks, the prompt, tokenising with label masks, batching,
+"""SuperNI data (METHOD.md section 7): reading tasks, the prompt, tokenising with label masks, batching,
 and the embedded classroom suite.
 
 A task lives in <root>/<task>/{train,dev,test}.json in the natural-instructions format:
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from checks import InputError, MissingFile, command
 from files import check_writable_path, kind_of, mark, new_folder, write_json
 
-# SPEC section 7, exactly; note the trailing space after "Output:".
+# METHOD.md section 7, exactly; note the trailing space after "Output:".
 PROMPT = "{definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
 SPLITS = ("train", "dev", "test")
 CLASSROOM = "classroom"
@@ -39,7 +39,7 @@ def format_prompt(definition: str, input: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The benchmark, one command away (SPEC section 7): the 15 task folders of the SAPT repository at a pinned
+# The benchmark, one command away (METHOD.md section 7): the 15 task folders of the SAPT repository at a pinned
 # commit, each file checked against the sha256 manifest committed beside this file.
 
 SUPERNI_URL = ("https://raw.githubusercontent.com/circle-hit/SAPT/52a52b920324c656bdb6dac08e43dc600ba22f21/"
@@ -232,7 +232,7 @@ class Example:
 
 
 def encode_prompt(tok, task: Task, input: str, budget: int) -> list[int]:
-    """Token ids of the SPEC prompt in at most `budget` tokens, shortening the end of the input only."""
+    """Token ids of the prompt (METHOD.md section 7) in at most `budget` tokens, shortening the end of the input only."""
     ids = tok.encode(format_prompt(task.definition, input))
     if len(ids) <= budget:
         return ids
@@ -278,7 +278,7 @@ def fingerprint(examples: list[Example]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Task orders of the continual setting (SPEC section 8)
+# Task orders of the continual setting (METHOD.md section 8)
 
 # The two orders published with the benchmark (order 1: SAPT and GainLoRA; order 2: GainLoRA), by task number.
 PUBLISHED_ORDERS = {
@@ -320,7 +320,7 @@ def task_order(tasks: list[str], order: int, seed: int = 0) -> list[str]:
 
 
 def batch_order(examples: list[Example], batch_size: int, seed: int, epoch: int, group_by_length=False) -> list[list[int]]:
-    """Global batches of indices for one epoch, the same on every data-parallel rank (SPEC section 8).
+    """Global batches of indices for one epoch, the same on every data-parallel rank (METHOD.md section 8).
 
     Plain seeded shuffling (seed, epoch), so a batch mixes tasks as the reference's HF Trainer does.
     Grouping by length, a speed option, sorts each window of 50 batches by length before cutting it
@@ -355,7 +355,7 @@ def collate(examples: list[Example], pad_id: int, device="cpu") -> dict:
 
 
 def answer_loss(model, x, use_task_ids=False):
-    """Summed cross-entropy over the answer + EOS tokens of a collated batch (SPEC section 7), float32."""
+    """Summed cross-entropy over the answer + EOS tokens of a collated batch (METHOD.md section 7), float32."""
     predicts = x["answer"][:, 1:].bool()  # position t predicts token t + 1
     at = torch.cat([predicts, torch.zeros_like(predicts[:, :1])], 1)
     logits = model(x["ids"], x["mask"], route_mask=x["route"], task_ids=x["task_ids"] if use_task_ids else None,
@@ -440,7 +440,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export", metavar="DIR", help="write the classroom suite to DIR in SuperNI layout")
     p.add_argument("--show", metavar="ROOT", help=f"summarise a data root (a folder, '{CLASSROOM}' or '{SUPERNI}')")
-    p.add_argument("--download", nargs="+", metavar=("superni", "DIR"), help=f"fetch the benchmark's 15 tasks (SPEC "
+    p.add_argument("--download", nargs="+", metavar=("superni", "DIR"), help=f"fetch the benchmark's 15 tasks (METHOD.md "
                    f"section 7) into DIR (default: {superni_cache()}, which --data {SUPERNI} reads; BADIT_CACHE moves "
                    f"it), checking every file against {MANIFEST.name}")
     args = p.parse_args(argv)

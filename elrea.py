@@ -1,5 +1,6 @@
-"""ELREA, Ensembles of Low-Rank Expert Adapters (Li et al., ICLR 2025, arXiv 2502.00089): the pipeline
-of SPEC section 6 over train.py's training loop, and its ensemble decoding.
+"""ELREA, Ensembles of Low-Rank Expert Adapters (Li et al., ICLR 2025, arXiv 2502.00089, and "the thesis": its first
+author's PhD thesis, Yinghao Li, Georgia Tech, 2025, chapter 5 and appendix D): the pipeline of METHOD.md
+section 6.2 over train.py's training loop, and its ensemble decoding.
 
     python train.py --method elrea [--clusters 5] [--proj-dim 8192] [--feature-epochs 2] [--expert-lr LR]
 
@@ -15,7 +16,7 @@ run directory:
                          Rademacher matrix R / sqrt(d) generated block by block, unit length
     stage 3  clusters.safetensors, elrea.json: spherical k-means (badit.spherical_kmeans, BADIT's own)
                          into --clusters; while the largest cluster is more than 5x the smallest, it
-                         is split in two, at most 3 times (the thesis used BIRCH; SPEC section 6)
+                         is split in two, at most 3 times (the thesis used BIRCH; METHOD.md section 6)
     stage 4  experts/c<k>/: one LoRA per cluster, starting from the final base LoRA, trained on its
                          cluster only (--expert-lr, default 0.4 x --lr, the same epochs)
     stage 5  adapter.safetensors: the C + 1 LoRAs stacked as one badit.Ensemble. Per test query: its
@@ -138,7 +139,7 @@ def project(G, proj_dim: int, seed: int):
 
 
 def gradient_features(model, examples, snapshots, proj_dim: int, seed: int, pad_id: int, batch_size=8, desc="features"):
-    """SPEC section 6, step 2: (n, d) unit features of `examples` from a model with LoRA adapters, whose
+    """METHOD.md section 6, step 2: (n, d) unit features of `examples` from a model with LoRA adapters, whose
     adapter is left at the last snapshot. Built in chunks of about 2 GB of (n, p) Adam directions, kept
     in the model's precision (float32 or bfloat16)."""
     device = model.lm_head.weight.device
@@ -190,7 +191,7 @@ def cluster_examples(features, clusters: int, seed: int):
 
 
 def ensemble_weights(features, centroids):
-    """SPEC section 6, step 5: (n, d), (C, d) unit -> (n, C + 1) weights [w_base, w_1 .. w_C]:
+    """METHOD.md section 6, step 5: (n, d), (C, d) unit -> (n, C + 1) weights [w_base, w_1 .. w_C]:
     s_c = cos(feature, centroid c); w_c = softmax of the z-scores of s across clusters (population std);
     w_base = 1 - max_c s_c. Not renormalised."""
     s = features.float() @ centroids.float().T  # (n, C)

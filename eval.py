@@ -1,4 +1,4 @@
-"""Evaluation (SPEC section 8): greedy generation, ROUGE-L and exact match, tables across runs,
+"""Evaluation (METHOD.md section 8): greedy generation, ROUGE-L and exact match, tables across runs,
 the continual-learning metrics, and the paper's analyses.
 
     python eval.py evaluate RUN_DIR            # base model + the run's adapter on the run's test sets
@@ -84,16 +84,16 @@ def score(predictions: list[dict]) -> dict:
 
 
 def colla(rouge: float, single: dict) -> float:
-    """SPEC section 8: multi-task ROUGE-L minus the mean of the single-task models' per-task ROUGE-L."""
+    """METHOD.md section 8: multi-task ROUGE-L minus the mean of the single-task models' per-task ROUGE-L."""
     return rouge - sum(single.values()) / len(single)
 
 
 def continual_metrics(a, single=None) -> dict:
-    """a[j][i]: score on task i (training order) after training the j-th task (SPEC section 8, 9.9).
+    """a[j][i]: score on task i (training order) after training the j-th task (METHOD.md section 8, 9.9).
 
     AP = mean_i a[T][i]; Fgt = mean_{i<T} max_{j in [i, T-1]} a[j][i] - a[T][i];
     Bwt = mean_{i<T} a[T][i] - a[i][i]; Fwt = mean_i a[i][i] - mean_i b_i (needs the single-task scores b).
-    Indices are 1-based in SPEC; here the last row is a[-1]. A partial matrix (a run still under way:
+    Indices are 1-based in METHOD.md section 8.4; here the last row is a[-1]. A partial matrix (a run still under way:
     fewer rows than tasks) has no AP yet and is refused.
     """
     T = len(a)
@@ -207,7 +207,7 @@ def test_examples(tok, data, tasks, split="test", limit=None, max_len=1024, max_
 
 
 # ----------------------------------------------------------------------------------------------
-# Analyses (SPEC section 8)
+# Analyses (METHOD.md section 8)
 
 
 def task_batches(tok, data, tasks, batches, batch_size, max_len, device, seed=0):
@@ -244,7 +244,7 @@ def conflict_matrix(grads: dict):
 
 def coactivation_histogram(grads: dict, block=32, top=0.10):
     """Per task: squared gradient of each weight, 32x32 average-pooled, the top 10 % blocks of each weight
-    matrix marked (SPEC section 8: per matrix, so that layers with larger gradients do not take every
+    matrix marked (METHOD.md section 8: per matrix, so that layers with larger gradients do not take every
     mark); returns counts[c] = number of blocks marked by exactly c tasks (c = 0..T)."""
     T = len(grads)
     marks = 0
@@ -455,7 +455,7 @@ def single_runs(paths) -> dict:
 
 
 def matching_single(run, cfg: dict, singles: dict, tasks: list[str]):
-    """The --single run of the same method and tasks as `run` (SPEC section 8: colla and Fwt compare a method with
+    """The --single run of the same method and tasks as `run` (METHOD.md section 8: colla and Fwt compare a method with
     its own single-task runs), or an InputError that says which differs."""
     if cfg["method"] not in singles:
         given = ", ".join(f"{m} ({p})" for m, (p, _) in singles.items())
@@ -513,7 +513,7 @@ def cmd_continual(args):
     m = continual_metrics(a, single)
     lines = ["| after \\ on | " + " | ".join(order) + " |", "|---" * (len(order) + 1) + "|"]
     lines += [f"| {i + 1}. {order[i]} | " + " | ".join(f"{x:.1f}" for x in row) + " |" for i, row in enumerate(a)]
-    lines.append("\n" + ", ".join(f"{k} {v:.2f}" for k, v in m.items()) + " (ROUGE-L x100; SPEC section 8)")
+    lines.append("\n" + ", ".join(f"{k} {v:.2f}" for k, v in m.items()) + " (ROUGE-L x100; METHOD.md section 8)")
     text = "\n".join(lines) + "\n"
     atomic_write(Path(args.run_dir) / "continual.md", lambda f: Path(f).write_text(text))
     write_json(Path(args.run_dir) / "continual_metrics.json", m)
@@ -528,7 +528,7 @@ PAPER_ANGLES = {"inter": [(90.0, "BADIT (paper): about 90")], "intra": [(60.0, "
 
 
 def cmd_angles(args):
-    """The experts' gradient angles over training (SPEC section 5 at every regroup; --angles-every along the run).
+    """The experts' gradient angles over training (METHOD.md section 5 at every regroup; --angles-every along the run).
 
     One run: its regroup diagnostics as today (angles.md / .csv / .png, angles_layers.*) and, if it was run with
     --angles-every, figure4.md / .csv / .png beside them. Several runs (--out DIR): figure4.* in DIR, one line per
@@ -574,7 +574,7 @@ def cmd_angles(args):
         axes[0].legend(fontsize=7)
 
     note = ("\nAngles in degrees between the experts' gradient directions summed over each --angles-every window, means "
-            "over the adapted layers (SPEC section 5's definitions): intra = within an expert, inter = between the experts' "
+            "over the adapted layers (METHOD.md section 5's definitions): intra = within an expert, inter = between the experts' "
             "mean directions. The paper (Figure 4): BADIT's inter-expert angle stays near 90, its intra-expert angle is "
             "about 60, about 20 below LoRAMoE's.")
     write_outputs(out / "figure4", table(rows, note), rows, draw, panels=2)
@@ -597,7 +597,7 @@ def global_steps(entries: list[dict]) -> list[int]:
 
 
 def regroup_angles(run: Path, entries: list[dict]):
-    """The regroup diagnostics of SPEC section 5 over training: angles.md / .csv / .png, the means over layers
+    """The regroup diagnostics of METHOD.md section 5 over training: angles.md / .csv / .png, the means over layers
     at every regroup; angles_layers.md / .csv / .png, every layer at every regroup (runs logged before DOG
     have angles, moves and their own objective only: the columns they lack are left out)."""
     keys = [k for k in REGROUP_STATS if all(k in e["regroup"] for e in entries)]
@@ -605,7 +605,7 @@ def regroup_angles(run: Path, entries: list[dict]):
                                                   for e in entries]
     note = ("Angles in degrees between the components' gradient directions; J = sum over experts of the squared norm "
             "of the sum of their unit directions, at the start (the experts as they were), after k-means and after "
-            "DOG's rounds (SPEC section 5).")
+            "DOG's rounds (METHOD.md section 5).")
     angles = ["intra_before", "intra_after", "inter_before", "inter_after"]
 
     def draw(ax):
@@ -677,7 +677,7 @@ def cmd_coactivation(args):
     md = ["| tasks | blocks | share of marked blocks |", "|---|---|---|"]
     md += [f"| {c} | {n} | {100 * n / max(total, 1):.1f} % |" if c else f"| 0 | {n} | - |" for c, n in enumerate(counts)]
     md.append(f"\nPer task: squared gradient of each adapted weight ({', '.join(cfg['targets'])}), 32x32 average-pooled, "
-              "top 10 % blocks marked; how many tasks mark each block (SPEC section 8).")
+              "top 10 % blocks marked; how many tasks mark each block (METHOD.md section 8).")
     write_outputs(Path(args.run_dir) / "coactivation", "\n".join(md) + "\n", rows,
                   lambda ax: (ax.bar(range(1, len(counts)), counts[1:]), ax.set(xlabel="tasks marking the block", ylabel="blocks")))
 
@@ -695,7 +695,7 @@ def main(argv=None):
     e.add_argument("--split", default="test", choices=["train", "dev", "test"])
     e.add_argument("--limit", type=positive_int, help="first N instances per task")
     e.add_argument("--max-len", type=number(int, 16), help="maximum prompt + answer tokens (default: the run's)")
-    e.add_argument("--max-new-tokens", type=positive_int, default=50, help="greedy decoding length (SPEC: 50)")
+    e.add_argument("--max-new-tokens", type=positive_int, default=50, help="greedy decoding length (METHOD.md section 8.1: 50)")
     e.add_argument("--batch-size", type=positive_int, default=64, help="prompts per generation batch (default: %(default)s)")
     e.add_argument("--out", help="output folder, new or made by eval.py, never another run (default: the run "
                    "directory; with --base-only runs/base-<time>)")
@@ -714,10 +714,10 @@ def main(argv=None):
 
     g = sub.add_parser("generate", help="completions of the run's model and adapter for prompts of your own")
     g.add_argument("run_dir", help="a run directory (or a single-task run's <task> folder)")
-    g.add_argument("--prompt", help="the prompt (with --task: the input of that task's SPEC prompt); default: "
+    g.add_argument("--prompt", help="the prompt (with --task: the input of that task's prompt (METHOD.md section 7)); default: "
                    "--file, or standard input, one prompt per line")
     g.add_argument("--file", help="a JSONL file, one {\"prompt\": ...} (or {\"input\": ...} with --task) per line")
-    g.add_argument("--task", help="one of the run's tasks: prompts become its SPEC prompt's input (cgc needs it: its "
+    g.add_argument("--task", help="one of the run's tasks: prompts become its prompt's input (METHOD.md section 7) (cgc needs it: its "
                    "gate depends on the task)")
     g.add_argument("--max-new-tokens", type=positive_int, default=50)
     g.add_argument("--temperature", type=number(float, 0), default=0.0, help="0: greedy (default); above 0: sampled")

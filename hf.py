@@ -7,7 +7,7 @@
 
 config.json is translated into model.py's ModelArgs (model_args), the safetensors files are read and
 checked against the model's parameters, the tokenizer is the checkpoint's tokenizer.json (the tokenizers
-library), and the device and precision are chosen here (SPEC section 8).
+library), and the device and precision are chosen here (METHOD.md section 8).
 
     python hf.py --model PATH --prompt TEXT      greedy generation with any supported checkpoint
 """
@@ -275,7 +275,7 @@ def native_bf16(device: torch.device) -> str | None:
 
 
 def choose_dtype(device: torch.device, requested: str | None = None) -> tuple[str, str]:
-    """SPEC section 8's precision: (dtype name, why). bfloat16 weights + autocast where the device has
+    """METHOD.md section 8's precision: (dtype name, why). bfloat16 weights + autocast where the device has
     native bf16 matrix instructions, float32 elsewhere; requested ("float32" / "bfloat16") wins."""
     native = native_bf16(device)
     if requested:

@@ -261,7 +261,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
         self.windows = {layer.self_attn.window for layer in self.layers}  # one mask per distinct window
-        self.routing = None  # badit.Routing, once adapters are added: what they need of the batch (SPEC section 4)
+        self.routing = None  # badit.Routing, once adapters are added: what they need of the batch (METHOD.md section 4)
         self.activation_checkpointing = False  # recompute each block in backward to save memory
 
     def compile_layers(self, backend: str = "inductor"):
@@ -289,7 +289,7 @@ class Transformer(nn.Module):
         over (the prompt; default: every real token). task_ids (B,): an index per sequence for the
         adapters (CGC-LoRA's task). logits_at (B, L) bool: the loss needs logits on answer tokens only
         and generation on the last token only, and the vocabulary projection is the largest matmul
-        of a small model. With bfloat16 weights the forward runs under autocast (SPEC section 8):
+        of a small model. With bfloat16 weights the forward runs under autocast (METHOD.md section 8):
         matmuls in bf16, float32 where autocast keeps it, float32 adapter parameters cast per matmul.
         """
         bf16 = self.lm_head.weight.dtype == torch.bfloat16

@@ -10,7 +10,7 @@ process. A finished cell is skipped and an interrupted one resumed (train.py --r
 survives Ctrl-C and restarts. After every cell its small result files (configuration, scores, loss
 curve, regroup angles, analyses; no adapters, no predictions) go to results/<name>/cells/<cell>/ and
 the summary, results/<name>/summary.md and summary.json, is rewritten from those files alone
-(SPEC section 8: every score a mean over seeds with its standard deviation; differences judged by
+(METHOD.md section 8: every score a mean over seeds with its standard deviation; differences judged by
 a paired sign-flip permutation test over seeds x tasks). PNG plots are added when matplotlib is installed.
 """
 
@@ -72,7 +72,7 @@ def grid(methods, seeds, setting="mtl", variant="", flags=(), orders=(None,)) ->
 
 # ----------------------------------------------------------------------------------------------
 # The named studies. Their configurations are fixed here before they run; a configuration changed
-# after seeing results is a new study, reported beside the first (issue: no tuning toward a method).
+# after seeing results is a new study, reported beside the first (no tuning toward a method).
 
 SEEDS = [0, 1, 2]
 CONTINUAL_BASELINES = ["o-lora", "gainlora"]  # continual.py; "as implemented here" (its docstring)
@@ -81,7 +81,7 @@ ALL = list(ADAPTERS)  # every method train.py trains: the six adapters and elrea
 
 SUPERNI_RECIPE = ["--data", SUPERNI, "--limit", "32", "--max-len", "512", "--epochs", "3", "--lr", "2e-4",
                   "--eval-limit", "20", "--eval", "after"]
-# The two studies below ran before K = 8 and DOG (SPEC sections 2, 5): they pin K = 6, which was the default then.
+# The two studies below ran before K = 8 and DOG (METHOD.md sections 2, 5): they pin K = 6, which was the default then.
 BEFORE_DOG = ("K = 6 (the default when these cells ran). The badit cells were made by the regroup before DOG, that of "
               "commit 4fd4ee7 (spherical k-means seeded by the run's seed, then a greedy balanced fill; no orthogonal "
               "targets): today's code reruns them with DOG. The other methods' cells rerun as they ran.")
@@ -591,7 +591,7 @@ def continual_terms(c: dict) -> dict:
             for i, t in enumerate(order)}
 
 
-CONTINUAL_REFERENCE = "gainlora"  # the continual state of the art the paper compares with (SPEC section 8)
+CONTINUAL_REFERENCE = "gainlora"  # the continual state of the art the paper compares with (METHOD.md section 8)
 
 
 def continual_rows(continual: list[dict], per_cell: dict, reference: str) -> dict:
@@ -645,7 +645,7 @@ def markdown(name: str, s: dict) -> str:
     """summary.md: the joint (and single-task) rows, the continual runs, the interference analyses."""
     lines = [f"# Study `{name}`", "", f"Command: `{s['command']}`", "", *[f"Note: {n}\n" for n in s.get("notes", [])],
              "ROUGE-L x100 per task, mean ± standard deviation over seeds (sample std); "
-             "a difference counts only beyond seed noise (SPEC section 8).", ""]
+             "a difference counts only beyond seed noise (METHOD.md section 8).", ""]
     base = s.get("base")
     if s["rows"]:
         lines += joint_lines(s)
@@ -654,7 +654,7 @@ def markdown(name: str, s: dict) -> str:
     if s["continual"]:
         lines += continual_lines(s)
     if s["analyses"]:
-        lines += ["", "## Interference analyses (seed 0; SPEC section 8)", "",
+        lines += ["", "## Interference analyses (seed 0; METHOD.md section 8)", "",
                   "| method | task-gradient cosine, mean off-diagonal | negative pairs | co-activation: blocks marked by 1, 2, ... tasks |",
                   "|---|---|---|---|"]
         for m, a in s["analyses"].items():
@@ -705,7 +705,7 @@ def joint_lines(s: dict) -> list[str]:
                          f" {quarters(rows[method])} -> {quarters(rows[h])} |")
     regrouped = {h: r["regroups"] for h, r in rows.items() if r.get("regroups")}
     if regrouped:
-        lines += ["", "## Regroup diagnostics (SPEC section 5), mean over seeds", "",
+        lines += ["", "## Regroup diagnostics (METHOD.md section 5), mean over seeds", "",
                   "| run | regroup | step | intra-expert angle before -> after | inter-expert angle before -> after | moved (total) |",
                   "|---|---|---|---|---|---|"]
         for h, groups in regrouped.items():
@@ -747,7 +747,7 @@ def continual_lines(s: dict) -> list[str]:
 
 
 def paired_row(row: str, a: dict, other: str, runs="seeds", lower_is_better=False) -> str:
-    """The test's reading. SPEC section 8 calls nothing a difference under 3 seeds (or 3 continual runs over
+    """The test's reading. METHOD.md section 8 calls nothing a difference under 3 seeds (or 3 continual runs over
     orders x seeds): with fewer, p measures the spread over tasks at one or two runs, not the runs' spread.
     runs: what a.seeds counts, plural first ("seeds", "runs (order, seed)"). lower_is_better: a difference
     in forgetting, where less is better."""

@@ -1,7 +1,7 @@
 """Train an adapter (BADIT or a method it is compared with) on SuperNI-format tasks.
 
     python train.py                                   # the main job: BADIT on the demo model, classroom suite
-    python train.py --model PATH --data ../shared/data/superni --method lora --max-len 1024
+    python train.py --model PATH --data superni --method lora --max-len 1024
     python train.py --model Qwen/Qwen3-0.6B ...       # a Hugging Face hub id: downloaded into the HF cache
     torchrun --nproc_per_node 2 train.py ...          # data parallel (gloo on CPU, nccl on GPU)
     python train.py --out runs/x --resume             # continue runs/x exactly where it stopped
@@ -13,7 +13,7 @@ adapter_config.json, for eval.py) and the evaluation before and after training (
 metrics_test.*). A run directory that holds a run is continued with --resume or replaced with
 --overwrite, never silently; one process at a time may use it.
 
-Settings (SPEC section 8): mtl trains one adapter on all tasks mixed; continual trains on the tasks
+Settings (METHOD.md section 8): mtl trains one adapter on all tasks mixed; continual trains on the tasks
 one after another in a named order (--order) (optimizer and schedule restarted per task, every test set
 evaluated after each task, the matrix in continual.json); single trains one adapter per task in
 <out>/<task>/, the baselines of `colla` and Fwt. The continual baselines (o-lora, gainlora) add a branch
@@ -55,7 +55,7 @@ from runs import (DAMAGED, DAMAGED_RUN, Stop, StopRequests, all_reduce_gradients
 
 ROOT = Path(__file__).resolve().parent
 
-# Two recipes. The paper's (SPEC section 8) for SuperNI; the classroom suite's for the main job on a
+# Two recipes. The paper's (METHOD.md section 8) for SuperNI; the classroom suite's for the main job on a
 # laptop CPU: fewer, shorter sequences, so a larger learning rate and fewer epochs.
 RECIPES = {
     "paper": dict(lr=2e-4, epochs=10, batch_size=8, max_len=1024),
@@ -77,9 +77,9 @@ def parse_args(argv=None):
     g.add_argument("--eval-limit", type=positive_int, help="first N test instances per task (default: all)")
     g.add_argument("--max-len", type=number(int, 16), help="maximum prompt + answer tokens; the input is shortened "
                    "to fit (default: 1024, classroom 256)")
-    g.add_argument("--max-answer-len", type=positive_int, default=50, help="answers are cut to this many tokens (SPEC: 50)")
+    g.add_argument("--max-answer-len", type=positive_int, default=50, help="answers are cut to this many tokens (METHOD.md section 7: 50)")
 
-    g = p.add_argument_group("method (SPEC sections 2-6)")
+    g = p.add_argument_group("method (METHOD.md sections 2-6)")
     g.add_argument("--method", default="badit", choices=METHODS + ("elrea",), help="the adapter to train, or elrea's "
                    "pipeline (elrea.py) (default: %(default)s)")
     g.add_argument("--targets", type=names, default=["gate_proj"], help="comma-separated linear layer names to adapt "
@@ -103,29 +103,29 @@ def parse_args(argv=None):
     g.add_argument("--l2-lambda", type=number(float, 0), help="o-lora: lambda_2, the weight of the new branch's norms "
                    "(default: 0, its scripts')")
 
-    g = p.add_argument_group("regrouping (badit and badit-nobad, SPEC section 5)")
+    g = p.add_argument_group("regrouping (badit and badit-nobad, METHOD.md section 5)")
     g.add_argument("--regroup-every", type=positive_int, help="regroup every N optimizer steps instead of at the end "
                    "of each epoch in the first half of training")
     g.add_argument("--regroup-until", type=number(float, 0, 1, low_open=True), help="with --regroup-every: stop "
                    "regrouping after this fraction of training (default: 0.5)")
     g.add_argument("--regroup-signal", choices=["accumulated", "last"], help="gradients summed since the last regroup "
-                   "(accumulated, the default), or the last step's only (the reference code)")
+                   "(accumulated, the default), or the last step's only (the authors' code, METHOD.md section 9)")
     g.add_argument("--angles-every", type=positive_int, help="routed methods (loramoe, badit-noregroup, badit, "
                    "badit-nobad): log the intra- and inter-expert angles of the experts' gradients, summed over the last N "
                    "optimizer steps, per layer (the paper's Figure 4; `python eval.py angles RUN ...` draws them). A "
                    "diagnostic: the run's losses, adapter and scores are the same with it (default: off)")
 
-    g = p.add_argument_group("elrea only (SPEC section 6, elrea.py)")
+    g = p.add_argument_group("elrea only (METHOD.md section 6, elrea.py)")
     g.add_argument("--clusters", type=positive_int, help="clusters of training examples asked of spherical k-means; "
                    "while the largest is over 5x the smallest it is split, so there may be up to 3 more (default: 5)")
     g.add_argument("--proj-dim", type=positive_int, help="dimension of the Rademacher projection of the gradient "
-                   "features (default: 8192; the thesis found 512 clearly worse: a smaller value is a classroom shortcut)")
+                   "features (default: 8192; ELREA's thesis found 512 clearly worse: a smaller value is a classroom shortcut)")
     g.add_argument("--feature-epochs", type=positive_int, help="features averaged over the base run's last N epoch "
                    "ends (default: 2)")
     g.add_argument("--expert-lr", type=number(float, 0, low_open=True), help="learning rate of the cluster experts "
-                   "(default: 0.4 x --lr, as the thesis)")
+                   "(default: 0.4 x --lr, as ELREA's thesis)")
 
-    g = p.add_argument_group("optimisation (SPEC section 8)")
+    g = p.add_argument_group("optimisation (METHOD.md section 8)")
     g.add_argument("--setting", default="mtl", choices=["mtl", "continual", "single"], help="see above; elrea runs "
                    "mtl, or single (one ELREA per task: allowed, but pointless and costly) (default: %(default)s)")
     g.add_argument("--order", type=number(int, 0), help="continual: the task order; 1 and 2 the benchmark's published "
@@ -143,7 +143,7 @@ def parse_args(argv=None):
                    help="warm-up fraction of the cosine schedule (default: %(default)s)")
     g.add_argument("--clip", type=number(float, 0, low_open=True), default=1.0, help="gradient-norm clipping (default: %(default)s)")
     g.add_argument("--group-by-length", action="store_true", help="batches of similar length: less padding, faster, "
-                   "but nearly single-task batches (default: plain seeded shuffling, SPEC section 8)")
+                   "but nearly single-task batches (default: plain seeded shuffling, METHOD.md section 8)")
 
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=number(int, 0), default=0, help="seeds initialisation, shuffling, answer choice, "
@@ -160,7 +160,7 @@ def parse_args(argv=None):
     g.add_argument("--eval", default="both", choices=["both", "after", "none"], help="evaluate on the test sets before "
                    "(the base model) and after training, after only, or not at all (default: %(default)s)")
     g.add_argument("--eval-batch-size", type=positive_int, default=64, help="prompts per generation batch (default: %(default)s)")
-    g.add_argument("--max-new-tokens", type=positive_int, default=50, help="greedy decoding length at evaluation (SPEC: 50)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=50, help="greedy decoding length at evaluation (METHOD.md section 8.1: 50)")
     g.add_argument("--out", help="run directory (default: runs/<method>-<setting>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint with its saved "
                    "config.json (only --device may be given besides)")
@@ -194,13 +194,13 @@ def check_flags(p, args):
 
 
 def fill_defaults(p, args):
-    """The recipe's defaults (classroom or the paper's, RECIPES) and the method's (SPEC sections 5, 6), then the
+    """The recipe's defaults (classroom or the paper's, RECIPES) and the method's (METHOD.md sections 5, 6), then the
     checks that need them."""
     if args.setting == "continual" and args.order is None:
         args.order = 1
     recipe = RECIPES["classroom" if args.data == CLASSROOM else "paper"]
     defaults = dict(regroup_until=0.5, regroup_signal="accumulated", clusters=5, proj_dim=8192, feature_epochs=2,
-                    common_experts=max(args.num_experts - 2, 0), task_experts=2,  # SPEC sections 5, 6
+                    common_experts=max(args.num_experts - 2, 0), task_experts=2,  # METHOD.md sections 5, 6
                     orth_lambda=continual.ORTH_LAMBDA, l2_lambda=continual.L2_LAMBDA)
     for key, value in {**recipe, **defaults}.items():
         if getattr(args, key) is None:
@@ -265,7 +265,7 @@ def cosine_with_warmup(step: int, total: int, warmup: float) -> float:
 
 
 def regroup_due(args, epoch: int, step: int, steps_per_epoch: int, end_of_epoch: bool) -> bool:
-    """SPEC section 5's schedule: after epochs 1 .. E/2 (1-based), or every N steps until a fraction."""
+    """METHOD.md section 5's schedule: after epochs 1 .. E/2 (1-based), or every N steps until a fraction."""
     if args.method not in REGROUP_METHODS:
         return False
     if args.regroup_every:
@@ -349,7 +349,7 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
     total = args.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, args.warmup))
     ckpt = run_dir / "checkpoint"
-    reset_regroup_signal(model)  # SPEC section 5: the signal starts afresh with each phase
+    reset_regroup_signal(model)  # METHOD.md section 5: the signal starts afresh with each phase
     epoch, first_batch, step = resume_phase(model, optimizer, scheduler, run_dir, phase, rank, args.seed) if resume else (0, 0, 0)
     log = open(run_dir / "log.jsonl", "a") if rank == 0 else None
     if log:  # where this phase starts and how long it is (study.py's progress bar reads it)
@@ -429,7 +429,7 @@ def log_angles(model, log, phase, epoch, step):
 
 
 def do_regroup(model, optimizer, args, world, log, phase, epoch, step):
-    """Regroup (SPEC section 5). Under torchrun every rank applies rank 0's permutation, so that a
+    """Regroup (METHOD.md section 5). Under torchrun every rank applies rank 0's permutation, so that a
     nondeterministic kernel can never split the ranks; the log says whether their own results agreed."""
     agreed = [True]
 
@@ -443,7 +443,7 @@ def do_regroup(model, optimizer, args, world, log, phase, epoch, step):
         agreed[0] = bool(same.item())
         return dict(zip(layers, chosen))
 
-    seed = derived_seed(args.seed, "regroup", phase, regroup_index(args, epoch, step))  # SPEC section 5: fresh draws each time
+    seed = derived_seed(args.seed, "regroup", phase, regroup_index(args, epoch, step))  # METHOD.md section 5: fresh draws each time
     d = regroup(model, optimizer, signal=args.regroup_signal, seed=seed, sync=rank0s_permutations if world > 1 else None)
     summary = {k: d[k] for k in REGROUP_STATS + ("moved_mean",)}
     tqdm.write(f"regroup at step {step}: intra-expert angle {summary['intra_before']:.1f} -> {summary['intra_after']:.1f} deg, "
@@ -509,7 +509,7 @@ def train_method(model, args, train, run_dir, rank, world, task=None):
 
 
 def run_eval(model, tok, args, examples, out_dir, name):
-    """Evaluate the trained adapter (rank 0); ELREA's ensemble first weighs every query (SPEC section 6, step 5)."""
+    """Evaluate the trained adapter (rank 0); ELREA's ensemble first weighs every query (METHOD.md section 6, step 5)."""
     weights = elrea.prepare_ensemble(model, out_dir, examples, args.pad_token_id) if args.method == "elrea" else None
     return evaluate(model, tok, examples, out_dir, name, batch_size=args.eval_batch_size,
                     max_new_tokens=args.max_new_tokens, use_task_ids=args.method == "cgc", weights=weights)
@@ -587,7 +587,7 @@ def prepare(args):
     if args.method == "elrea":
         elrea.check_args(args, min(phases), max([len(test)] + phases))
     if args.method in REGROUP_METHODS and not any(regroups_in_phase(args, n) for n in phases):
-        print(f"note: this {args.method} run never regroups ({args.epochs} epoch(s); regrouping follows SPEC section 5's "
+        print(f"note: this {args.method} run never regroups ({args.epochs} epoch(s); regrouping follows METHOD.md section 5's "
               f"schedule{f', every {args.regroup_every} steps until {args.regroup_until:g} of training' if args.regroup_every else ''}): "
               f"it is badit-noregroup under another name.")
     data = {"train": fingerprint(train), "test": fingerprint(test)}
@@ -616,7 +616,7 @@ def train_and_evaluate(args, tok, train, test, rank, world, device, start):
     if args.eval == "both" and rank == 0:
         if (run_dir / "metrics_before.json").is_file():
             before = read_json(run_dir / "metrics_before.json", DAMAGED_RUN)
-        else:  # the base model: every method starts at its function (SPEC section 3.5)
+        else:  # the base model: every method starts at its function (METHOD.md section 3.5)
             before = evaluate(model, tok, test, run_dir, "metrics_before", batch_size=args.eval_batch_size,
                               max_new_tokens=args.max_new_tokens)
     if args.setting == "mtl":

@@ -33,7 +33,7 @@ def main():
     p.add_argument("--limit", help="training instances per task (default: all)")
     p.add_argument("--eval-limit", help="test instances per task (default: all)")
     p.add_argument("--epochs", help="default: train.py's recipe")
-    p.add_argument("--clusters", default="4", help="ELREA's clusters (default: 4, as the thesis's figure)")
+    p.add_argument("--clusters", default="4", help="ELREA's clusters (default: 4, as the figure in ELREA's thesis)")
     args = p.parse_args()
     flags = ["--data", args.data] + [x for k in ("tasks", "limit", "epochs") if getattr(args, k)
                                      for x in (f"--{k}", getattr(args, k))]
@@ -49,7 +49,7 @@ def main():
             print(f"{method:5s} training {seconds[method][0]:7.1f} s   evaluation {seconds[method][1]:6.1f} s")
         record = json.loads((work / "elrea" / "elrea.json").read_text())
         print(f"elrea / lora: training {seconds['elrea'][0] / seconds['lora'][0]:.2f}x, evaluation "
-              f"{seconds['elrea'][1] / seconds['lora'][1]:.2f}x (the thesis: about 2.3x for both at C = 4)")
+              f"{seconds['elrea'][1] / seconds['lora'][1]:.2f}x (ELREA's thesis: about 2.3x for both at C = 4)")
         print(f"elrea: {record['clusters']} clusters {record['sizes']} (asked for {args.clusters}); gradient features "
               f"{record['features_per_second']:.1f} examples/s ({record['proj_dim']} dimensions, "
               f"{len(record['snapshots'])} epoch ends); stage seconds " +

@@ -70,7 +70,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="generation runs per side; the best is reported")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data", default=DEFAULT_DATA, help="a SuperNI root (default: --data superni's cache, else ../shared/data/superni)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="a SuperNI root (default: --data superni's cache, else the team's copy beside the repository)")
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd decoder layers "
                    "(compiled in an untimed first run)")
     args = p.parse_args()

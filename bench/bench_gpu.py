@@ -139,7 +139,7 @@ def main(argv=None):
                    "one is stopped there too (default: %(default)s, a 10-minute call's worth with room to spare)")
     p.add_argument("--only", help="comma-separated stage names to run (default: all)")
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "superni",
-                   help="a SuperNI root for the benchmarks' batches (default: ../shared/data/superni)")
+                   help="a SuperNI root for the benchmarks' batches (default: --data superni's cache, else the team's copy beside the repository)")
     p.add_argument("--tokenizer-from", type=Path, default=DEMO, help="a folder with the demo model's tokenizer.json and "
                    "config.json, for random-weight checkpoints (default: the demo model's folder)")
     p.add_argument("--work", type=Path, help="where random checkpoints and the jobs' runs go (default: a temporary folder)")

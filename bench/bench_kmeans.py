@@ -1,6 +1,7 @@
-"""Regroup clustering: our batched spherical k-means against the reference code's approach.
+"""Regroup clustering: our batched spherical k-means against the authors' code's approach
+(METHOD.md section 9).
 
-The reference clusters each layer on its own with scikit-learn KMeans(n_clusters=K, n_init=10,
+The authors' code clusters each layer on its own with scikit-learn KMeans(n_clusters=K, n_init=10,
 max_iter=100) on the normalised gradient vectors. Ours clusters all layers in one batch
 (badit.spherical_kmeans, same n_init and max_iter). Both are scored by the spherical objective:
 the mean cosine of each vector to its own cluster's unit centroid.

@@ -1,4 +1,4 @@
-"""The regroup's cost: DOG (SPEC section 5) against its k-means start alone, and BADIT's training time
+"""The regroup's cost: DOG (METHOD.md section 5) against its k-means start alone, and BADIT's training time
 against LoRAMoE's (the paper: 1.22x; the target here: under 1.05x on the demo model).
 
 Part 1 times, at two shapes, on gradient-like signals (each layer's N = 32 components noisy mixtures of

@@ -2,7 +2,7 @@
 float32 and in bf16, each figure also as a fraction of the machine's measured matmul peak.
 
 Each side runs in its own process (so peak memory is its own): the same global batches from data.py
-(SuperNI training instances of every task, SPEC prompt, answer + EOS, --max-len, plain shuffling),
+(SuperNI training instances of every task, the prompt of METHOD.md section 7, answer + EOS, --max-len, plain shuffling),
 AdamW, gradient clipping 1.0, dropout 0.05, LoRA of rank K r = 24 on gate_proj, and the same
 precision on both sides: float32, or bf16 weights with torch.autocast (CUDA, or a CPU with native bf16)
 and float32 adapters. A step is forward + loss on the answer tokens + backward + clip + optimizer step.
@@ -122,7 +122,7 @@ def run_side(args):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
-        # PEFT scales by lora_alpha / r: 192 / 24 = 8, our alpha / r = 32 / 4 (SPEC section 6)
+        # PEFT scales by lora_alpha / r: 192 / 24 = 8, our alpha / r = 32 / 4 (METHOD.md section 6)
         model = get_peft_model(model, LoraConfig(r=24, lora_alpha=192, lora_dropout=0.05, target_modules=["gate_proj"]))
 
         def step(x):
@@ -179,7 +179,7 @@ SIDES = ("lora", "peft", "badit", "lora+compile", "badit+compile")
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"))
-    p.add_argument("--data", default=DEFAULT_DATA, help="a SuperNI root (default: --data superni's cache, else ../shared/data/superni)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="a SuperNI root (default: --data superni's cache, else the team's copy beside the repository)")
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (after --warmup steps)")

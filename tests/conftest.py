@@ -141,7 +141,7 @@ def superni_slice() -> Path:
 
 
 def superni_prompts(root=None, split="test", per_task=1):
-    """SPEC prompts of the first per_task instances of every task of a SuperNI root (default: the slice)."""
+    """The prompts (METHOD.md section 7) of the first per_task instances of every task of a SuperNI root (default: the slice)."""
     from data import format_prompt, list_tasks, read_task
 
     root = root or superni_slice()

@@ -316,7 +316,7 @@ def test_hub_ids_resolve_through_the_cache_offline(tiny_trainable, tmp_path):
     assert "HF_HUB_OFFLINE is set" in missing.stderr
 
 
-# ---------------------------------------------------------------------------------------------- issue 21
+# ---------------------------------------------------------------------------------------------- records
 # Nothing lost, nothing mixed: no command deletes a folder it did not make; what a run depends on is checked
 # before anything is written; records are never replaced by another command's output; comparisons refuse to mix.
 

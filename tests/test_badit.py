@@ -296,7 +296,7 @@ def plant_signal(model, swap=None, seed=0):
 
 
 def test_an_unchanged_partition_moves_nothing_even_with_a_trained_router(tiny_checkpoints):
-    """SPEC section 5, "Matching clusters to experts": k-means numbers its clusters arbitrarily; matched
+    """METHOD.md section 5, "Matching clusters to experts": k-means numbers its clusters arbitrarily; matched
     to the current experts, a partition that is already grouped leaves every component in place."""
     model = adapted(tiny_checkpoints["llama3"], "badit")
     randomize_adapters(model, scale=0.5)  # a trained, non-uniform router
@@ -321,7 +321,7 @@ def test_a_changed_partition_moves_only_the_components_that_changed(tiny_checkpo
 
 
 def test_lora_is_six_experts_without_a_router(tiny_checkpoints):
-    """SPEC section 6: every method scales each component by alpha / r, so a rank-24 LoRA with the same
+    """METHOD.md section 6: every method scales each component by alpha / r, so a rank-24 LoRA with the same
     A and B computes what six rank-4 experts compute under uniform routing."""
     path = tiny_checkpoints["llama3"]
     lora, moe = adapted(path, "lora"), adapted(path, "loramoe")
@@ -427,7 +427,7 @@ def test_cgc_merges_per_task(tiny_checkpoints):
 
 
 def peft_model(path, r):
-    """PEFT scales by lora_alpha / r; our s = alpha / (expert rank) = 32 / 4 for every method (SPEC
+    """PEFT scales by lora_alpha / r; our s = alpha / (expert rank) = 32 / 4 for every method (METHOD.md
     section 6), so the same function has lora_alpha = s x r."""
     from peft import LoraConfig, get_peft_model
 

@@ -1,4 +1,4 @@
-"""The CUDA paths: SPEC section 8's precision on a GPU, k-means on the GPU, resume, where a step waits for
+"""The CUDA paths: METHOD.md section 8's precision on a GPU, k-means on the GPU, resume, where a step waits for
 the GPU, generation against transformers. Each test needs a CUDA device and is skipped without one; on a
 GPU machine the default suite runs them (python -m pytest -m cuda runs them alone)."""
 

@@ -87,7 +87,7 @@ def test_batch_order_is_a_seeded_partition_and_groups_lengths(tok):
     grouped = batch_order(examples, 4, seed=0, epoch=0, group_by_length=True)
     assert sorted(i for b in grouped for i in b) == list(range(len(examples)))
     assert grouped == batch_order(examples, 4, seed=0, epoch=0, group_by_length=True) != batch_order(examples, 4, seed=0, epoch=1, group_by_length=True)
-    plain = batch_order(examples, 4, seed=0, epoch=0)  # SPEC section 8: plain seeded shuffling by default
+    plain = batch_order(examples, 4, seed=0, epoch=0)  # METHOD.md section 8: plain seeded shuffling by default
     assert sorted(i for b in plain for i in b) == list(range(len(examples)))
     tasks_per_batch = lambda batches: sum(len({examples[i].task for i in b}) for b in batches) / len(batches)  # noqa: E731
     assert tasks_per_batch(plain) > tasks_per_batch(grouped)  # plain batches mix the tasks

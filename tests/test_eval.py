@@ -52,7 +52,7 @@ def test_continual_metrics_on_a_hand_made_matrix():
     assert m["Fgt"] == pytest.approx(((50 - 40) + (60 - 45)) / 2)
     assert m["Bwt"] == pytest.approx(((40 - 50) + (45 - 60)) / 2)
     assert m["Fwt"] == pytest.approx((50 + 60 + 70) / 3 - (55 + 65 + 60) / 3)
-    # forgetting only counts scores after the task was learned (SPEC 9.9): the 10 before it is ignored
+    # forgetting only counts scores after the task was learned (METHOD.md section 9, item 9): the 10 before it is ignored
     assert continual_metrics([[5, 90], [20, 30]])["Fgt"] == pytest.approx(5 - 20)
 
 
@@ -75,7 +75,7 @@ def test_conflict_matrix_and_coactivation():
 
 
 def test_coactivation_marks_the_top_blocks_of_every_matrix():
-    """SPEC section 8: the top 10 % blocks per weight matrix, so that a layer with 100x larger gradients
+    """METHOD.md section 8: the top 10 % blocks per weight matrix, so that a layer with 100x larger gradients
     does not take every mark (marking over all layers at once, it would)."""
     g = torch.Generator().manual_seed(0)
     small, large = torch.rand(320, 320, generator=g), 100 * torch.rand(320, 320, generator=g)  # 100 blocks each

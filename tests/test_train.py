@@ -232,7 +232,7 @@ def test_regroup_schedule_and_learning_rate():
     import argparse
 
     args = argparse.Namespace(method="badit", regroup_every=None, regroup_until=0.5, epochs=10)
-    assert [e + 1 for e in range(10) if train.regroup_due(args, e, 0, 5, True)] == [1, 2, 3, 4, 5]  # SPEC 5
+    assert [e + 1 for e in range(10) if train.regroup_due(args, e, 0, 5, True)] == [1, 2, 3, 4, 5]  # METHOD.md section 5.9
     assert not train.regroup_due(args, 0, 3, 5, end_of_epoch=False)
     args.regroup_every = 4
     assert [s for s in range(1, 51) if train.regroup_due(args, 0, s, 5, False)] == [4, 8, 12, 16, 20, 24]
@@ -267,11 +267,11 @@ def test_continual_resume_after_an_interrupt_in_the_second_task(tiny_trainable, 
     assert cut == full
 
 
-# ---------------------------------------------------------------------------------------------- issue 8: determinism
+# ---------------------------------------------------------------------------------------------- determinism
 
 
 def test_the_regroup_signal_restarts_with_each_continual_task(tiny_trainable, tmp_path, monkeypatch):
-    """SPEC section 5: a new task of the continual setting starts its signal from zero, so the first regroup
+    """METHOD.md section 5: a new task of the continual setting starts its signal from zero, so the first regroup
     of task 2 clusters task 2's gradients only."""
     import badit
 
@@ -378,7 +378,7 @@ def test_ranks_that_cluster_differently_apply_rank_0s_permutation(tiny_trainable
 
 def test_no_import_cycles():
     """the error type and file rules, then data and model at the bottom, the method above them, the loop above
-    that (the design card):
+    that (README, Layout):
     no module imports one above it, not even inside a function."""
     import ast
 
@@ -393,7 +393,7 @@ def test_no_import_cycles():
         assert not imported & set(layers[i:]), f"{name}.py imports {imported & set(layers[i:])}"
 
 
-# ---------------------------------------------------------------------------------------------- issue 9: precision
+# ---------------------------------------------------------------------------------------------- precision
 
 
 def native_cpu_bf16():
@@ -404,7 +404,7 @@ def native_cpu_bf16():
 
 
 def one_step_keeps_float32_state(model_dir, device: str):
-    """SPEC section 8: one badit step with bf16 weights (autocast) and one with float32 weights on `device`:
+    """METHOD.md section 8: one badit step with bf16 weights (autocast) and one with float32 weights on `device`:
     adapter parameters, their gradients, AdamW state, router gates and loss are float32 in both."""
     import data
     from badit import add_adapters, routed_adapters
@@ -433,7 +433,7 @@ def one_step_keeps_float32_state(model_dir, device: str):
 
 
 def test_the_default_precision_keeps_adapters_optimizer_router_and_loss_in_float32(tiny_trainable, tmp_path):
-    """SPEC section 8: on a CPU with native bf16 the default is bf16 weights + autocast, with float32
+    """METHOD.md section 8: on a CPU with native bf16 the default is bf16 weights + autocast, with float32
     adapter parameters, optimizer state, router softmax and loss."""
     native_cpu_bf16()
     argv = [a for a in FAST if a not in ("--dtype", "float32")]
