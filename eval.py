@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import elrea
 from badit import REGROUP_STATS, adapters_of, export_peft, load_adapters, merge_adapters
-from checks import InputError, MissingFile, command, names, number, positive_int
+from checks import ROUTED, InputError, MissingFile, command, names, number, positive_int
 from data import (CLASSROOM, SUPERNI, Example, answer_loss, collate, encode_examples, format_prompt, list_tasks,
                   load_tasks, read_task)
 from files import atomic_write, kind_of, new_folder, read_json, read_jsonl, write_json
