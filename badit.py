@@ -1,127 +1,32 @@
-"""BADIT and the adapters it is compared with, side by side (METHOD.md sections 2 to 6 and 9).
+"""BADIT (METHOD.md sections 2 to 5), top to bottom in the order of METHOD.md: the expert layer, the SVD
+initialisation of K orthogonal experts (the paper's BAD), the router, and DOG, the regrouping of the experts'
+rank-1 components during training.
 
-Every adapter wraps a frozen nn.Linear (weight W, m x n) and adds N rank-1 components, stored as
-one A (N x n) and one B (m x N), each weighted per sequence by a coefficient c_j:
+Every adapter of this project wraps a frozen nn.Linear (weight W, m x n) and adds N rank-1 components, stored as
+one A (N x n) and one B (m x N), each weighted per sequence by a coefficient c_j (METHOD.md (2.1)):
 
-    y = x W^T + s ((dropout(x) A^T) * c) B^T            s = alpha / r            (METHOD.md section 4)
+    y = x W^T + s ((dropout(x) A^T) * c) B^T            s = alpha / r
 
-and the methods differ only in N, in how A and B start, and in where c comes from:
-
-    method            N        init                      c
-    lora              r_lora   A kaiming, B = 0          1
-    pissa             r_lora   top SVD, W -> residual    1
-    loramoe           K r      A kaiming, B = 0          K softmax(mean_prompt(x) G^T), each expert's r components
-    badit-noregroup   K r      top SVD, W -> residual    as loramoe
-    badit             K r      top SVD, W -> residual    as loramoe, + regroup() during training (section 5)
-    badit-nobad       K r      A kaiming, B = 0          as loramoe, + regroup() as badit: the paper's ablation
-                                                         "w/o BAD" (DOG on experts that do not come from the SVD)
-    cgc               (Kc + T Ks) r   A kaiming, B = 0   (Kc + Ks) softmax(gate[task]) on the task's experts, 0 elsewhere
-    elrea             M r_lora        M trained LoRAs    1 on the row's own member's block, 0 elsewhere (ELREA's
-                                                         ensemble, one LoRA per batch row; elrea.py builds it)
-    o-lora            T r_lora        A kaiming, B = 0   1 on the branches of the tasks so far, 0 on later ones
-    gainlora          T r_lora        A from features    a_i(u) on task i's branch (GainLoRA's gates, TaskGates),
-                                      (InfLoRA), B = 0   0 on later ones
-
-o-lora and gainlora are the continual baselines: one branch of r_lora components per task (T = the
-run's tasks in the continual setting, 1 otherwise), task t training its own; continual.py holds
-their work at task boundaries and in the step (O-LoRA's penalty, InfLoRA's A, the gradient
-projection memory).
-
-Then BADIT's regrouping, DOG (section 5): batched spherical k-means, an exact batched linear assignment,
-orthogonal targets from the centroid matrix, iterated; then saving and loading adapters, a PEFT export
-for lora and pissa, and merging (cgc per task).
+and the methods differ only in N, in how A and B start and in where c comes from (`Adapter.coefficients`).
+BADIT's layer is MoE: K experts of r components, c from a per-sequence router, A and B from the top singular
+triplets of W, which becomes the frozen residual. The methods BADIT is compared with, and the one function that
+adds any of them to a model, are in methods.py; saving, loading, the PEFT export and merging in adapter_files.py;
+the router's data flow in routing.py.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import math
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from checks import InputError, MissingFile
-from files import atomic_write, read_json, read_safetensors
-from hf import hf_name
-
-METHODS = ("lora", "pissa", "loramoe", "badit-noregroup", "badit", "badit-nobad", "cgc", "o-lora", "gainlora")  # train.py's loop
-BRANCH_METHODS = ("o-lora", "gainlora")  # a branch per continual task (continual.py)
-ADAPTERS = METHODS + ("elrea",)  # elrea's adapter: the ensemble that elrea.py's pipeline assembles
-SVD_METHODS = ("pissa", "badit-noregroup", "badit")
-REGROUP_METHODS = ("badit", "badit-nobad")  # DOG during training (section 5); badit-nobad's experts start as loramoe's
+from checks import InputError
 
 
 # ----------------------------------------------------------------------------------------------
-# Routing: what the adapters know of the batch (METHOD.md section 4)
-
-
-class Routing:
-    """The router's data flow, from the prompt mask to the gate decoding reuses (METHOD.md section 4).
-
-    1. data.collate marks each example's prompt: `route` (B, L) is 1 on the prompt's tokens, 0 on the
-       answer and the padding (a router that saw the answer would route on what it is asked to produce).
-    2. train.py and eval.py pass it to the model as route_mask; generate passes the prompt's attention mask.
-    3. Transformer.forward, on a new batch (nothing cached yet: training, scoring, prefill), calls
-       begin(route_mask, task_ids, input embeddings); on a decoding step, decoding().
-    4. A routed adapter (MoE, GainLoRA) has a KeptGate from keep(). On a new batch its `coefficients`
-       computes the gate from the masked mean of its own input (MoE) or of the embeddings (GainLoRA) and
-       keeps it there; on a decoding step it returns the kept gate. CGC and the ELREA ensemble read task_ids.
-    5. generate's prefill runs the prompts in groups of similar length, each a new batch, and join()s
-       each adapter's kept gates over the groups, so that decoding reuses one gate per row.
-
-    One instance per model (`model.routing`, made by add_adapters, held by its adapters): two models in
-    one process never see each other's batch. It stays set after forward returns, so that activation
-    checkpointing recomputes the same gates in backward.
-    """
-
-    def __init__(self):
-        self.mask: torch.Tensor | None = None  # (B, L) the positions a router averages over; None while decoding
-        self.task_ids: torch.Tensor | None = None  # (B,) CGC's task, or the ELREA member a row runs
-        self.embeddings: torch.Tensor | None = None  # (B, L, dim) the model's input embeddings (GainLoRA)
-        self.kept: list[KeptGate] = []  # one per routed adapter
-
-    def keep(self) -> KeptGate:
-        self.kept.append(KeptGate())
-        return self.kept[-1]
-
-    def begin(self, mask: torch.Tensor, task_ids: torch.Tensor | None, embeddings: torch.Tensor):
-        self.mask, self.task_ids, self.embeddings = mask, task_ids, embeddings
-
-    def decoding(self):
-        self.mask = None
-
-    def gates(self) -> list:
-        return [k.gate for k in self.kept]
-
-    def join(self, groups: list[list], task_ids: torch.Tensor | None):
-        """prefill: the gates() of its row groups, in order -> each adapter's gate over all rows, for decoding."""
-        for k, gates in zip(self.kept, zip(*groups)):
-            k.gate = torch.cat(gates)
-        self.task_ids = task_ids
-
-    def __deepcopy__(self, memo):  # a copied model starts with no batch; its adapters keep their own gates
-        copied = Routing()
-        copied.kept = [copy.deepcopy(k, memo) for k in self.kept]
-        return copied
-
-
-class KeptGate:
-    """A routed adapter's gate (B, N) for the current sequences: an object of its own, not an entry in a
-    list or dict keyed by layer, so that every decoder layer looks the same to torch.compile."""
-
-    gate: torch.Tensor | None = None
-
-    def __deepcopy__(self, memo):  # the gate holds an autograd graph: a copy starts empty
-        return KeptGate()
-
-
-# ----------------------------------------------------------------------------------------------
-# Adapter layers
+# The expert layer (METHOD.md section 2)
 
 
 class Adapter(nn.Module):
@@ -150,15 +55,42 @@ class Adapter(nn.Module):
         return self.base(x) + (h @ self.B.to(x.dtype).T) * self.scaling  # (B, L, m)
 
 
-class LoRA(Adapter):
-    """lora and pissa: one low-rank update of rank N = r_lora, no router.
+# ----------------------------------------------------------------------------------------------
+# The SVD initialisation: the paper's BAD (METHOD.md section 3)
 
-    Each component is scaled by s = alpha / r with r the expert rank, as in every method (METHOD.md section
-    6): a rank-32 LoRA is then exactly eight rank-4 experts without a router. PEFT would use alpha / r_lora.
+
+def svd_init_experts(adapter: Adapter):
+    """METHOD.md section 3: the N components start as the top N singular triplets of W0, in order.
+
+    W0 = U diag(S) Vh; A[j] = sqrt(S_j / s) Vh[j], B[:, j] = sqrt(S_j / s) U[:, j], so that
+    s B[:, j] A[j] = S_j u_j v_j^T; expert e gets triplets e r .. e r + r - 1 (expert 0 the largest).
+    The frozen weight becomes the residual W0 - s B0 A0, so the model starts at its own function.
     """
+    N = adapter.A.shape[0]  # add_adapters checked that N <= min(m, n)
+    U, S, Vh = torch.linalg.svd(adapter.base.weight.float(), full_matrices=False)
+    root = (S[:N] / adapter.scaling).sqrt()
+    with torch.no_grad():
+        adapter.A.copy_(root[:, None] * Vh[:N])
+        adapter.B.copy_(U[:, :N] * root[None, :])
+        adapter.A0.copy_(adapter.A)  # kept (buffers made by add_adapters): they define the residual
+        adapter.B0.copy_(adapter.B)
+    set_residual(adapter)
 
-    def __init__(self, base, lora_rank, rank, alpha, dropout):
-        super().__init__(base, lora_rank, rank, alpha, dropout)
+
+def set_residual(adapter: Adapter):
+    """base.weight <- W0 - s B0 A0 (float32, then the model's dtype); deterministic given A0, B0."""
+    W = adapter.base.weight
+    W.data = (W.float() - adapter.scaling * adapter.B0 @ adapter.A0).to(W.dtype)
+
+
+def kaiming_init(adapter: Adapter):
+    """LoRA's init: A kaiming-uniform (a = sqrt 5, as nn.Linear), B = 0, so the update starts at 0."""
+    nn.init.kaiming_uniform_(adapter.A, a=math.sqrt(5))
+    nn.init.zeros_(adapter.B)
+
+
+# ----------------------------------------------------------------------------------------------
+# The router (METHOD.md section 4)
 
 
 class MoE(Adapter):
@@ -188,287 +120,8 @@ class MoE(Adapter):
         return c
 
 
-class CGC(Adapter):
-    """CGC-LoRA: Kc common experts shared by all tasks and Ks specific experts per task (METHOD.md section 6).
-
-    Task t sees the common experts and its own Ks; its gate is a free logit vector over those
-    Kc + Ks experts (zeros at start), softmax, times Kc + Ks so that c = 1 at start as for the
-    other routed methods. The gate depends on the task id only, so a trained adapter merges per task.
-    """
-
-    def __init__(self, base, common, specific, num_tasks, rank, alpha, dropout, routing):
-        super().__init__(base, (common + num_tasks * specific) * rank, rank, alpha, dropout)
-        self.common, self.specific, self.num_tasks, self.routing = common, specific, num_tasks, routing
-        self.gate = nn.Parameter(torch.zeros(num_tasks, common + specific, device=base.weight.device))
-
-    def task_coefficients(self, task_ids):  # (B,) -> (B, N)
-        g = (self.common + self.specific) * torch.softmax(self.gate[task_ids], dim=-1)  # (B, Kc + Ks)
-        own = self.common + task_ids[:, None] * self.specific + torch.arange(self.specific, device=g.device)
-        visible = torch.cat([torch.arange(self.common, device=g.device).expand(len(task_ids), -1), own], 1)
-        experts = torch.zeros(len(task_ids), self.common + self.num_tasks * self.specific, device=g.device)
-        return experts.scatter(1, visible, g).repeat_interleave(self.rank, dim=1)  # 0 on other tasks' experts
-
-    def coefficients(self, x):
-        if self.routing.task_ids is None:
-            raise InputError("cgc adapters need a task id per sequence: pass task_ids=(B,) tensor to the model or to generate().")
-        return self.task_coefficients(self.routing.task_ids.to(x.device))
-
-
-class Ensemble(Adapter):
-    """ELREA's C + 1 LoRAs (base + one per cluster) stacked as M blocks of r_lora components (METHOD.md
-    section 6, step 5): a batch row uses only its own member's block, the member index given per row
-    as routing.task_ids, so that one forward runs every member over the shared base model."""
-
-    def __init__(self, base, members, lora_rank, rank, alpha, dropout, routing):
-        super().__init__(base, members * lora_rank, rank, alpha, dropout)
-        self.members, self.lora_rank, self.routing = members, lora_rank, routing
-
-    def coefficients(self, x):
-        if self.routing.task_ids is None:
-            raise InputError("an elrea ensemble needs the member index of every row: pass task_ids=(B,).")
-        member = F.one_hot(self.routing.task_ids.to(x.device), self.members).float()  # (B, M)
-        return member.repeat_interleave(self.lora_rank, dim=1)  # (B, N): 1 on the row's member's block
-
-
-class TaskBranches(Adapter):
-    """o-lora and gainlora: a branch of r_lora components per task (components t r_lora .. (t + 1) r_lora - 1
-    are task t's). While task t trains (`task`, a buffer, so a saved adapter knows it), only its branch
-    gets gradients: the earlier branches' are zeroed by a hook, and as every task starts a fresh AdamW
-    (zero moments, weight decay 0), they do not move at all; later branches are off (c = 0)."""
-
-    def __init__(self, base, num_tasks, lora_rank, rank, alpha, dropout, train_A=True):
-        super().__init__(base, num_tasks * lora_rank, rank, alpha, dropout)
-        self.num_tasks, self.lora_rank = num_tasks, lora_rank
-        self.register_buffer("task", torch.zeros((), dtype=torch.long, device=base.weight.device))
-        self.A.requires_grad_(train_A)
-        if train_A:
-            self.A.register_hook(lambda g: g * self.trainable()[:, None])
-        self.B.register_hook(lambda g: g * self.trainable()[None, :])
-
-    def branch(self) -> torch.Tensor:  # (N,) the task of each component
-        return torch.arange(self.A.shape[0], device=self.A.device) // self.lora_rank
-
-    def trainable(self) -> torch.Tensor:  # (N,) 1 on the current task's branch
-        return (self.branch() == self.task).float()
-
-
-class OLoRA(TaskBranches):
-    """O-LoRA (Wang et al., 2023): the sum of the branches of the tasks so far; its orthogonality penalty on
-    the new branch's A against the old ones is continual.olora_penalty. With one task (mtl, single) it is lora."""
-
-    def coefficients(self, x):
-        return (self.branch() <= self.task).float()[None]  # (1, N)
-
-
-class GainLoRA(TaskBranches):
-    """GainLoRA (InfLoRA) (Liang and Li, 2025), as implemented here: task i's branch weighted by its gate
-    a_i(u) (TaskGates, one for the model, on the pooled prompt embeddings), later tasks' branches off.
-    A is fixed (InfLoRA: set from the task's input features by continual.begin_task), B trains. The buffers
-    hold the gradient projection memory of this layer's inputs: `basis[:, :basis_size]`, orthonormal."""
-
-    def __init__(self, base, num_tasks, lora_rank, rank, alpha, dropout, routing, gates):
-        super().__init__(base, num_tasks, lora_rank, rank, alpha, dropout, train_A=False)
-        n = base.weight.shape[1]
-        self.routing, self.kept, self._gates = routing, routing.keep(), (gates,)  # a tuple: registered once, on the model
-        self.register_buffer("basis", torch.zeros(n, n, device=base.weight.device))
-        self.register_buffer("basis_size", torch.zeros((), dtype=torch.long, device=base.weight.device))
-
-    def coefficients(self, x):
-        if self.routing.mask is None:  # decoding: the gate computed at prefill
-            return self.kept.gate
-        a = self._gates[0](self.routing.embeddings, self.routing.mask)  # (B, T)
-        a = a * (torch.arange(self.num_tasks, device=a.device) <= self.task)
-        c = a.repeat_interleave(self.lora_rank, dim=1)  # (B, N)
-        self.kept.gate = c
-        return c
-
-
-class TaskGates(nn.Module):
-    """GainLoRA's gating module, one per model (model.task_gates), as implemented here on a decoder.
-
-        u = masked mean of the input embeddings over the prompt                           (dim,)
-        g_i(u) = SiLU(W2_i SiLU(W1_i u))      W1_i (h, dim), W2_i (dim, h), h = 100       (dim,)
-        a_i(u) = | 2 sigmoid(4 cos(g_i(u), k_i)) - 1 |                                    in [0, 1)
-
-    (the public code's Trans_input, prompt_key and cal_attention in src/t5_large.py; it pools the T5
-    encoder's input embeddings, averaging over padding too: here over the prompt only). Task t trains
-    W1_t, W2_t and k_t only (a hook zeroes the other rows' gradients); continual.py keeps their updates
-    off the earlier tasks' inputs with the gradient projection memory in the buffers: the bases of the
-    old u (dim), of SiLU(W1 u) (h) and of g(u) (dim), each `basis_*[:, :size]`, orthonormal."""
-
-    def __init__(self, dim: int, num_tasks: int, hidden: int = 100, device=None):
-        super().__init__()
-        self.W1 = nn.Parameter(torch.empty(num_tasks, hidden, dim, device=device))
-        self.W2 = nn.Parameter(torch.empty(num_tasks, dim, hidden, device=device))
-        self.key = nn.Parameter(torch.empty(num_tasks, dim, device=device))
-        for W in (self.W1, self.W2):  # as the public code's nn.Linear layers
-            for i in range(num_tasks):
-                nn.init.kaiming_uniform_(W.data[i], a=math.sqrt(5))
-        nn.init.uniform_(self.key, -1, 1)
-        self.register_buffer("task", torch.zeros((), dtype=torch.long, device=device))
-        for name, size in (("u", dim), ("medium", hidden), ("out", dim)):
-            self.register_buffer(f"basis_{name}", torch.zeros(size, size, device=device))
-            self.register_buffer(f"size_{name}", torch.zeros((), dtype=torch.long, device=device))
-        for p in (self.W1, self.W2, self.key):
-            p.register_hook(lambda g: g * (torch.arange(len(g), device=g.device) == self.task).view(-1, *[1] * (g.dim() - 1)))
-
-    @staticmethod
-    def pooled(embeddings, mask):  # (B, L, dim), (B, L) -> u (B, dim), float32
-        m = mask.float()[..., None]
-        return (embeddings.float() * m).sum(1) / m.sum(1).clamp(min=1)
-
-    def parts(self, u):  # u (B, dim) -> SiLU(W1 u) (B, T, h) and g(u) (B, T, dim), every task's
-        medium = F.silu(torch.einsum("bd,thd->bth", u, self.W1))
-        return medium, F.silu(torch.einsum("bth,tdh->btd", medium, self.W2))
-
-    def forward(self, embeddings, mask):  # -> a (B, T)
-        with torch.autocast(embeddings.device.type, enabled=False):  # float32, as the routers (METHOD.md section 8)
-            _, g = self.parts(self.pooled(embeddings, mask))
-            cos = F.cosine_similarity(g, self.key[None], dim=-1, eps=1e-12)  # (B, T)
-            return (2 * torch.sigmoid(4 * cos) - 1).abs()
-
-
 # ----------------------------------------------------------------------------------------------
-# Initialisation (METHOD.md sections 3 and 6)
-
-
-def kaiming_init(adapter: Adapter):
-    """LoRA's init: A kaiming-uniform (a = sqrt 5, as nn.Linear), B = 0, so the update starts at 0."""
-    nn.init.kaiming_uniform_(adapter.A, a=math.sqrt(5))
-    nn.init.zeros_(adapter.B)
-
-
-def svd_init_experts(adapter: Adapter):
-    """METHOD.md section 3: the N components start as the top N singular triplets of W0, in order.
-
-    W0 = U diag(S) Vh; A[j] = sqrt(S_j / s) Vh[j], B[:, j] = sqrt(S_j / s) U[:, j], so that
-    s B[:, j] A[j] = S_j u_j v_j^T; expert e gets triplets e r .. e r + r - 1 (expert 0 the largest).
-    The frozen weight becomes the residual W0 - s B0 A0, so the model starts at its own function.
-    """
-    N = adapter.A.shape[0]  # add_adapters checked that N <= min(m, n)
-    U, S, Vh = torch.linalg.svd(adapter.base.weight.float(), full_matrices=False)
-    root = (S[:N] / adapter.scaling).sqrt()
-    with torch.no_grad():
-        adapter.A.copy_(root[:, None] * Vh[:N])
-        adapter.B.copy_(U[:, :N] * root[None, :])
-        adapter.A0.copy_(adapter.A)  # kept (buffers made by add_adapters): they define the residual
-        adapter.B0.copy_(adapter.B)
-    set_residual(adapter)
-
-
-def set_residual(adapter: Adapter):
-    """base.weight <- W0 - s B0 A0 (float32, then the model's dtype); deterministic given A0, B0."""
-    W = adapter.base.weight
-    W.data = (W.float() - adapter.scaling * adapter.B0 @ adapter.A0).to(W.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Adding adapters to a model
-
-
-def add_adapters(model, method: str, targets=("gate_proj",), num_experts=8, rank=4, alpha=32.0, dropout=0.05,
-                 lora_rank=None, top_k=None, num_tasks=None, common_experts=6, task_experts=2, members=None,
-                 init=True) -> dict:
-    """Wrap the target linears of a model.py Transformer, freeze everything else (METHOD.md section 6).
-
-    lora and pissa use lora_rank (default num_experts x rank, the same total rank as BADIT).
-    cgc needs num_tasks; elrea (an ensemble of trained LoRAs, filled by elrea.py) needs members.
-    Returns (and prints, and keeps as model.adapter_config) the method, its hyperparameters, the
-    trainable-parameter count and the rank active per example.
-    """
-    if method == "elrea" and not members:
-        raise InputError("an elrea ensemble needs members (its base LoRA and one LoRA per cluster).")
-    if method == "cgc" and not num_tasks:
-        raise InputError("cgc needs num_tasks (the number of tasks, each with its own specific experts).")
-    if method in BRANCH_METHODS:
-        num_tasks = num_tasks or 1  # a branch per continual task; one in mtl and single
-    check_top_k(method, top_k, num_experts)
-    names = check_adapters(model, method, targets, num_experts, rank, lora_rank)
-    lora_rank = lora_rank or num_experts * rank
-    config = dict(method=method, targets=list(targets), num_experts=num_experts, rank=rank, alpha=alpha, dropout=dropout,
-                  lora_rank=lora_rank, top_k=top_k, num_tasks=num_tasks, common_experts=common_experts, task_experts=task_experts,
-                  members=members)
-
-    model.requires_grad_(False)
-    model.routing = model.routing or Routing()
-    for name in tqdm(names, desc=f"{method} adapters", unit="layer", disable=not init or method not in SVD_METHODS):
-        parent, _, leaf = name.rpartition(".")
-        base = model.get_submodule(name)
-        if method in ("lora", "pissa"):
-            adapter = LoRA(base, lora_rank, rank, alpha, dropout)
-        elif method == "cgc":
-            adapter = CGC(base, common_experts, task_experts, num_tasks, rank, alpha, dropout, model.routing)
-        elif method == "elrea":
-            adapter = Ensemble(base, members, lora_rank, rank, alpha, dropout, model.routing)
-        elif method == "o-lora":
-            adapter = OLoRA(base, num_tasks, lora_rank, rank, alpha, dropout)
-        elif method == "gainlora":
-            if not hasattr(model, "task_gates"):
-                model.task_gates = TaskGates(model.args.dim, num_tasks, device=base.weight.device)
-            adapter = GainLoRA(base, num_tasks, lora_rank, rank, alpha, dropout, model.routing, model.task_gates)
-        else:
-            adapter = MoE(base, num_experts, rank, alpha, dropout, model.routing, top_k)
-        if method in SVD_METHODS:  # the initial components, which define the frozen residual
-            adapter.register_buffer("A0", torch.zeros_like(adapter.A))
-            adapter.register_buffer("B0", torch.zeros_like(adapter.B))
-        if init:
-            svd_init_experts(adapter) if method in SVD_METHODS else kaiming_init(adapter)
-        setattr(model.get_submodule(parent), leaf, adapter)
-
-    active = {"lora": lora_rank, "pissa": lora_rank, "cgc": (common_experts + task_experts) * rank, "elrea": lora_rank,
-              "o-lora": num_tasks and num_tasks * lora_rank, "gainlora": num_tasks and num_tasks * lora_rank}  # after T tasks
-    config["active_rank"] = active.get(method, (top_k or num_experts) * rank)
-    config["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{method}: {len(names)} layers adapted ({', '.join(targets)}), {config['trainable_params']:,} trainable "
-          f"parameters, active rank {config['active_rank']} per example", file=sys.stderr)  # stdout: a command's output
-    model.adapter_config = config
-    return config
-
-
-def check_top_k(method: str, top_k: int | None, num_experts: int):
-    """Sparse routing (METHOD.md section 4): loramoe only, and 1 <= k <= K (train.py checks it too, before any run)."""
-    if top_k is not None and method != "loramoe":
-        why = ("with SVD experts the tied gates at step 0 would drop all but k experts and the model would not start "
-               "at its own function (METHOD.md section 4)" if method in SVD_METHODS else "it is badit's ablation and routes "
-               "densely as badit does" if method == "badit-nobad" else f"{method} has no router")
-        raise InputError(f"--top-k is for loramoe only: {why}. Leave --top-k out for {method}.")
-    if top_k is not None and not 1 <= top_k <= num_experts:
-        raise InputError(f"--top-k {top_k} must be between 1 and --num-experts ({num_experts}).")
-
-
-def check_adapters(model, method: str, targets, num_experts: int, rank: int, lora_rank: int | None) -> list[str]:
-    """The names of the linears `targets` selects, refusing an unknown method, targets that match no linear
-    layer, and SVD components that do not fit a layer (METHOD.md section 3.1). Works on a model on the meta
-    device, so that a run can check its adapters before any weight is loaded."""
-    if method not in ADAPTERS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(ADAPTERS)}.")
-    linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
-    names = [name for name in linears if name.split(".")[-1] in targets]
-    unmatched = [t for t in targets if not any(name.split(".")[-1] == t for name in names)]
-    if unmatched:
-        kinds = sorted({n.split(".")[-1] for n in linears})
-        raise InputError(f"--targets {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} no linear layer; the "
-                         f"model's linear layers are named {', '.join(kinds)}.")
-    N = (lora_rank or num_experts * rank) if method == "pissa" else num_experts * rank
-    for name in names if method in SVD_METHODS else []:
-        m, n = linears[name].weight.shape
-        if N > min(m, n):
-            raise InputError(f"{N} SVD components ({'--lora-rank' if method == 'pissa' else 'experts x rank'}) exceed "
-                             f"min(out, in) = {min(m, n)} of {name} ({m} x {n}); lower the rank or the number of experts.")
-    for name in names if method == "gainlora" else []:  # InfLoRA's A: r_lora directions of the layer's input space
-        m, n = linears[name].weight.shape
-        if (lora_rank or num_experts * rank) > n:
-            raise InputError(f"gainlora's branch rank {lora_rank or num_experts * rank} exceeds the input size {n} of "
-                             f"{name}; lower --lora-rank.")
-    return names
-
-
-def adapters_of(model) -> dict[str, Adapter]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, Adapter)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Spherical k-means, batched over layers (METHOD.md section 5)
+# DOG: spherical k-means, batched over layers (METHOD.md section 5.3)
 
 
 def _kmeans_pp(gram, u):
@@ -579,6 +232,10 @@ def spherical_kmeans(x, k: int, n_init: int = 10, max_iter: int = 100, seed: int
     return (labels[0], centroids[0]) if x.dim() == 2 else (labels, centroids)
 
 
+# ----------------------------------------------------------------------------------------------
+# DOG: exact balanced assignments to orthogonal targets, iterated (METHOD.md sections 5.2, 5.4-5.6)
+
+
 def linear_assignment(cost):
     """Exact minimum-cost assignment of every problem in a batch: cost (b, n, n) -> col (b, n), row i taking
     column col[i], so that sum_i cost[i, col[i]] is least. The Hungarian algorithm in its shortest-augmenting-
@@ -676,40 +333,12 @@ def dynamic_orthogonal_grouping(Z, r: int, n_init=10, max_iter=100, seed=0, max_
     return kept, targets, {"J_kmeans": J_kmeans, "J_end": J, "rounds": rounds}
 
 
-def match_clusters_to_experts(labels, sim, r: int):
-    """METHOD.md section 5, "Matching clusters to experts": k-means numbers its clusters arbitrarily, so
-    give expert e the cluster sharing most members with it (an exact assignment on the K x K
-    overlap matrix), ties broken by how similar the expert's current members are to the cluster's
-    centroid. labels (L, N) k-means clusters, sim (L, N, K) -> cluster (L, K) matched to each expert."""
-    L, N, K = sim.shape
-    expert_now = (torch.arange(N, device=sim.device) // r).expand(L, N)
-    members = F.one_hot(expert_now, K).float()  # (L, N, K): component j is in expert e now
-    overlap = F.one_hot(labels, K).float().transpose(1, 2) @ members  # (L, K clusters, K experts)
-    closeness = sim.float().transpose(1, 2) @ members  # sum of the expert's members' cosines, in [-N, N]
-    score = overlap + closeness / (2 * N + 1)  # the tie-break never outweighs one shared member
-    return linear_assignment(-score.transpose(1, 2))  # experts as rows
-
-
-def permutation_in_place(expert, sim, r: int):
-    """expert (L, N): each component's new expert, r each -> perm (L, N), new component i = old perm[i].
-
-    A component whose expert does not change keeps its slot, so an unchanged partition is the
-    identity; the newcomers of an expert take its free slots in descending similarity (METHOD.md section 5).
-    """
-    L, N = expert.shape
-    position = torch.arange(N, device=expert.device).expand(L, N)
-    stays = expert == position // r
-    placed = sim.float().gather(2, expert[..., None])[..., 0]  # in [-1, 1]
-    newcomers = torch.argsort(torch.where(stays, math.inf, expert * 4 - placed), dim=1, stable=True)
-    free_slots = torch.argsort(torch.where(stays, math.inf, position.float()), dim=1, stable=True)
-    perm = torch.where(stays, position, -1)
-    moving = torch.arange(N, device=expert.device) < (~stays).sum(1, keepdim=True)  # the first n of each sorted list
-    perm[moving.nonzero()[:, 0], free_slots[moving]] = newcomers[moving]
-    return perm
-
-
 # ----------------------------------------------------------------------------------------------
-# Regrouping BADIT's components (METHOD.md section 5)
+# The regroup: the signal, the diagnostics, matching groups to experts, the permutation (METHOD.md 5.1, 5.7-5.10)
+
+
+def adapters_of(model) -> dict[str, Adapter]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Adapter)}
 
 
 def routed_adapters(model) -> dict[str, MoE]:
@@ -750,6 +379,24 @@ def accumulate_angle_signal(model):
         a.angle_sum += z
 
 
+def expert_angles(Z, r: int):
+    """Z (L, N, D) unit rows, expert e = rows e r .. e r + r - 1 -> (intra, inter) angles in degrees (L,).
+
+    intra: arccos of the mean pairwise cosine within an expert, averaged over experts;
+    inter: arccos of the mean pairwise cosine between the K normalised expert means.
+    """
+    L, N, D = Z.shape
+    K = N // r
+    E = Z.view(L, K, r, D)
+    gram = E @ E.transpose(-1, -2)  # (L, K, r, r)
+    off = gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    intra = torch.rad2deg(torch.arccos((off / max(r * (r - 1), 1)).clamp(-1, 1))).mean(-1)  # 90 when r = 1
+    means = F.normalize(E.mean(2), dim=-1, eps=1e-12)  # (L, K, D)
+    mg = means @ means.transpose(1, 2)
+    inter_cos = (mg.sum((-1, -2)) - mg.diagonal(dim1=-2, dim2=-1).sum(-1)) / max(K * (K - 1), 1)
+    return intra, torch.rad2deg(torch.arccos(inter_cos.clamp(-1, 1)))
+
+
 @torch.no_grad()
 def gradient_angles(model) -> dict:
     """The paper's Figure 4 quantities over training: per routed layer, the intra- and inter-expert angles
@@ -772,22 +419,36 @@ def gradient_angles(model) -> dict:
     return {"intra": sum(per_layer["intra"]) / n, "inter": sum(per_layer["inter"]) / n, "per_layer": per_layer}
 
 
-def expert_angles(Z, r: int):
-    """Z (L, N, D) unit rows, expert e = rows e r .. e r + r - 1 -> (intra, inter) angles in degrees (L,).
+def match_clusters_to_experts(labels, sim, r: int):
+    """METHOD.md section 5, "Matching clusters to experts": k-means numbers its clusters arbitrarily, so
+    give expert e the cluster sharing most members with it (an exact assignment on the K x K
+    overlap matrix), ties broken by how similar the expert's current members are to the cluster's
+    centroid. labels (L, N) k-means clusters, sim (L, N, K) -> cluster (L, K) matched to each expert."""
+    L, N, K = sim.shape
+    expert_now = (torch.arange(N, device=sim.device) // r).expand(L, N)
+    members = F.one_hot(expert_now, K).float()  # (L, N, K): component j is in expert e now
+    overlap = F.one_hot(labels, K).float().transpose(1, 2) @ members  # (L, K clusters, K experts)
+    closeness = sim.float().transpose(1, 2) @ members  # sum of the expert's members' cosines, in [-N, N]
+    score = overlap + closeness / (2 * N + 1)  # the tie-break never outweighs one shared member
+    return linear_assignment(-score.transpose(1, 2))  # experts as rows
 
-    intra: arccos of the mean pairwise cosine within an expert, averaged over experts;
-    inter: arccos of the mean pairwise cosine between the K normalised expert means.
+
+def permutation_in_place(expert, sim, r: int):
+    """expert (L, N): each component's new expert, r each -> perm (L, N), new component i = old perm[i].
+
+    A component whose expert does not change keeps its slot, so an unchanged partition is the
+    identity; the newcomers of an expert take its free slots in descending similarity (METHOD.md section 5).
     """
-    L, N, D = Z.shape
-    K = N // r
-    E = Z.view(L, K, r, D)
-    gram = E @ E.transpose(-1, -2)  # (L, K, r, r)
-    off = gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-    intra = torch.rad2deg(torch.arccos((off / max(r * (r - 1), 1)).clamp(-1, 1))).mean(-1)  # 90 when r = 1
-    means = F.normalize(E.mean(2), dim=-1, eps=1e-12)  # (L, K, D)
-    mg = means @ means.transpose(1, 2)
-    inter_cos = (mg.sum((-1, -2)) - mg.diagonal(dim1=-2, dim2=-1).sum(-1)) / max(K * (K - 1), 1)
-    return intra, torch.rad2deg(torch.arccos(inter_cos.clamp(-1, 1)))
+    L, N = expert.shape
+    position = torch.arange(N, device=expert.device).expand(L, N)
+    stays = expert == position // r
+    placed = sim.float().gather(2, expert[..., None])[..., 0]  # in [-1, 1]
+    newcomers = torch.argsort(torch.where(stays, math.inf, expert * 4 - placed), dim=1, stable=True)
+    free_slots = torch.argsort(torch.where(stays, math.inf, position.float()), dim=1, stable=True)
+    perm = torch.where(stays, position, -1)
+    moving = torch.arange(N, device=expert.device) < (~stays).sum(1, keepdim=True)  # the first n of each sorted list
+    perm[moving.nonzero()[:, 0], free_slots[moving]] = newcomers[moving]
+    return perm
 
 
 @torch.no_grad()
@@ -815,7 +476,6 @@ def reset_regroup_signal(model):
 
 REGROUP_STATS = ("intra_before", "intra_after", "inter_before", "inter_after", "J_start", "J_kmeans", "J_end", "rounds",
                  "moved")
-
 
 @torch.no_grad()
 def regroup(model, optimizer=None, signal: str = "accumulated", n_init: int = 10, max_iter: int = 100, seed: int = 0,
@@ -872,125 +532,3 @@ def regroup(model, optimizer=None, signal: str = "accumulated", n_init: int = 10
     out = {key: sum(stats[key]) / len(stats[key]) for key in REGROUP_STATS}
     out["moved_mean"], out["moved"] = out["moved"], sum(stats["moved"])
     return {**out, "per_layer": stats, "permutations": {n: p.tolist() for n, p in permutations.items()}}
-
-
-# ----------------------------------------------------------------------------------------------
-# Saving, loading, exporting, merging
-
-
-def adapter_state(model) -> dict[str, torch.Tensor]:
-    """Every adapter tensor but the frozen base layer: A, B, the router or gate, A0 and B0, GainLoRA's
-    task gates and projection bases."""
-    state = {f"{name}.{k}": v.detach().contiguous() for name, a in adapters_of(model).items()
-             for k, v in a.state_dict().items() if not k.startswith("base.")}
-    if hasattr(model, "task_gates"):
-        state |= {f"task_gates.{k}": v.detach().contiguous() for k, v in model.task_gates.state_dict().items()}
-    return state
-
-
-def save_adapters(model, out_dir):
-    """adapter.safetensors + adapter_config.json (method and hyperparameters), written atomically."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "adapter.safetensors", lambda f: save_file(adapter_state(model), f))
-    atomic_write(out / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(model.adapter_config, indent=2)))
-
-
-def load_adapters(model, adapter_dir) -> dict:
-    """Restore save_adapters' output onto a freshly loaded base model, exactly: the residual of the SVD
-    methods is rebuilt from the saved A0, B0 (never from a new SVD, which need not be bitwise equal)."""
-    adapter_dir = Path(adapter_dir)
-    for name in ("adapter_config.json", "adapter.safetensors"):
-        if not (adapter_dir / name).is_file():
-            raise MissingFile(f"{adapter_dir / name} is missing: pass a folder written by save_adapters (a run directory).")
-    config = read_json(adapter_dir / "adapter_config.json", "it was not written completely; use a complete run directory")
-    hyper = {k: v for k, v in config.items() if k not in ("method", "active_rank", "trainable_params")}
-    add_adapters(model, config["method"], **hyper, init=False)
-    load_adapter_state(model, adapter_dir / "adapter.safetensors")
-    if config["method"] in SVD_METHODS:  # the base weight is still W0: make it W0 - s B0 A0
-        for a in adapters_of(model).values():
-            set_residual(a)
-    return config
-
-
-def load_adapter_state(model, file):
-    """Copy adapter.safetensors into the model's adapters, added with the same config (the base weights
-    are left as they are)."""
-    state = read_safetensors(file, "it was not written completely; use a complete run directory",
-                             device=model.lm_head.weight.device)
-    expected = adapter_state(model)
-    if set(state) != set(expected):
-        diff = sorted(set(state) ^ set(expected))[:3]
-        raise InputError(f"{file} does not fit this model and adapter_config.json (e.g. {diff}).")
-    for name, a in adapters_of(model).items():
-        a.load_state_dict({k: state[f"{name}.{k}"] for k in a.state_dict() if not k.startswith("base.")}, strict=False)
-    if hasattr(model, "task_gates"):
-        model.task_gates.load_state_dict({k: state[f"task_gates.{k}"] for k in model.task_gates.state_dict()})
-
-
-def remove_adapters(model):
-    """Unwrap every adapter, putting the frozen base linears back (for the SVD methods these hold the
-    residual W0 - s B0 A0, not W0: merge or reload the model to get W0 back)."""
-    for name, a in adapters_of(model).items():
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, a.base)
-    if hasattr(model, "task_gates"):
-        del model.task_gates
-    model.adapter_config, model.routing = None, None
-    return model
-
-
-def export_peft(model, out_dir, base_model_name_or_path: str = ""):
-    """Write a lora or pissa adapter in PEFT's format (adapter_config.json + adapter_model.safetensors).
-
-    PEFT scales by lora_alpha / r, so lora_alpha = s x r_lora keeps our s = alpha / r (METHOD.md section 6).
-    A pissa adapter is exported as PEFT's documented PiSSA-to-LoRA conversion: rank 2 r_lora with
-    A' = [A; A0], B' = [B, -B0] (lora_alpha doubled too, keeping s), so that it applies to the
-    original, unmodified base weights: W0 + s (B A - B0 A0) = W_res + s B A.
-    """
-    from safetensors.torch import save_file
-
-    cfg = model.adapter_config
-    if cfg["method"] not in ("lora", "pissa", "o-lora"):
-        raise InputError(f"PEFT export covers lora, pissa and o-lora; {cfg['method']} has no PEFT equivalent.")
-    pissa = cfg["method"] == "pissa"
-    tensors = {}
-    for name, a in adapters_of(model).items():
-        A, B = (torch.cat([a.A, a.A0]), torch.cat([a.B, -a.B0], 1)) if pissa else (a.A, a.B)
-        if isinstance(a, OLoRA):  # the branches of the tasks so far: one LoRA of rank (t + 1) r_lora
-            A, B = A[:(a.task + 1) * a.lora_rank], B[:, :(a.task + 1) * a.lora_rank]
-        key = f"base_model.model.{hf_name(name)}"
-        tensors[key + ".lora_A.weight"] = A.detach().contiguous()
-        tensors[key + ".lora_B.weight"] = B.detach().contiguous()
-    r = next(iter(tensors.values())).shape[0]
-    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-                   "r": r, "lora_alpha": cfg["alpha"] / cfg["rank"] * r, "lora_dropout": cfg["dropout"],
-                   "target_modules": cfg["targets"], "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
-                   "use_rslora": False, "use_dora": False, "modules_to_save": None}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "adapter_model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    atomic_write(out / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(peft_config, indent=2)))
-
-
-@torch.no_grad()
-def merge_adapters(model, task_id: int | None = None):
-    """Fold lora, pissa or one task's cgc adapter into the base weights and remove the adapters:
-    W <- W + s B diag(c) A. Only a fixed c can be folded in: a router's gate depends on each input, and
-    ELREA's ensemble weighs its members' logits per query, which no single weight matrix computes."""
-    for name, a in adapters_of(model).items():
-        if isinstance(a, (MoE, GainLoRA)):
-            raise InputError(f"{model.adapter_config['method']} gates depend on each input, so they cannot be merged "
-                             "into the weights.")
-        if isinstance(a, Ensemble):
-            raise InputError("an elrea ensemble mixes its members' logits with per-query weights, which no weight "
-                             "matrix computes: it cannot be merged (merge one member's LoRA, base/ or experts/c<k>/).")
-        if isinstance(a, CGC) and task_id is None:
-            raise InputError("merging a cgc adapter needs task_id: its gate depends on the task.")
-        c = (a.task_coefficients(torch.tensor([task_id], device=a.A.device))[0] if isinstance(a, CGC) else
-             a.coefficients(None)[0] if isinstance(a, OLoRA) else 1.0)
-        W = a.base.weight
-        W.data = (W.float() + a.scaling * (a.B * c) @ a.A).to(W.dtype)
-    return remove_adapters(model)

@@ -1,6 +1,6 @@
 """The continual baselines' work at task boundaries and in the step: O-LoRA and GainLoRA (InfLoRA).
 
-badit.py holds their layers (TaskBranches, OLoRA, GainLoRA, TaskGates: one branch of r_lora
+methods.py holds their layers (TaskBranches, OLoRA, GainLoRA, TaskGates: one branch of r_lora
 components per task). train.py calls, for these two methods: begin_task before each task (and before
 the one phase of mtl and single), penalty after each backward, constrain on each phase's optimizer,
 end_task after each continual task. As implemented here, for both: our decoder models and targets
@@ -50,10 +50,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from badit import GainLoRA, OLoRA, TaskBranches, adapters_of
+from badit import adapters_of
+from methods import GainLoRA, OLoRA, TaskBranches
 from data import collate
 
-ORTH_LAMBDA, L2_LAMBDA = 0.5, 0.0  # O-LoRA's lambda_1, lambda_2 (its scripts)
 THRESHOLD = 0.995  # GainLoRA's GPM threshold (its SuperNI scripts)
 A_SCALE = 1 / math.sqrt(3)  # InfLoRA's A: unit rows / sqrt(3 x chunk), chunk = 1
 

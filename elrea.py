@@ -19,7 +19,7 @@ run directory:
                          is split in two, at most 3 times (the thesis used BIRCH; METHOD.md section 6)
     stage 4  experts/c<k>/: one LoRA per cluster, starting from the final base LoRA, trained on its
                          cluster only (--expert-lr, default 0.4 x --lr, the same epochs)
-    stage 5  adapter.safetensors: the C + 1 LoRAs stacked as one badit.Ensemble. Per test query: its
+    stage 5  adapter.safetensors: the C + 1 LoRAs stacked as one methods.Ensemble. Per test query: its
                          feature as in stage 2, s_c = cosine to centroid c, w_c = softmax(z-score(s))_c,
                          w_base = 1 - max_c s_c, fixed per query; every greedy step takes the weighted
                          sum of the C + 1 LoRAs' logits, run as one batch of (C + 1) x B rows.
@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from badit import (adapters_of, add_adapters, load_adapter_state, load_adapters, remove_adapters, save_adapters,
-                   spherical_kmeans)
+from adapter_files import load_adapter_state, load_adapters, remove_adapters, save_adapters
+from badit import adapters_of, spherical_kmeans
+from methods import add_adapters
 from checks import InputError, MissingFile
 from data import collate
 from files import atomic_write, read_json, read_safetensors
@@ -316,7 +317,7 @@ def features_and_clusters(model, args, train, run_dir: Path, record: dict) -> di
 
 @torch.no_grad()
 def stack_ensemble(model, members: list[Path], run_dir: Path):
-    """Stack the C + 1 trained LoRAs as one badit.Ensemble and save it as the run's adapter."""
+    """Stack the C + 1 trained LoRAs as one methods.Ensemble and save it as the run's adapter."""
     states = [read_safetensors(m / "adapter.safetensors", INCOMPLETE) for m in members]
     config = read_json(members[0] / "adapter_config.json", INCOMPLETE)
     hyper = {k: v for k, v in config.items() if k not in ("method", "active_rank", "trainable_params", "members")}

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import elrea
-from badit import REGROUP_STATS, adapters_of, export_peft, load_adapters, merge_adapters
+from adapter_files import export_peft, load_adapters, merge_adapters
+from badit import REGROUP_STATS, adapters_of
 from checks import ROUTED, InputError, MissingFile, command, names, number, positive_int
 from data import (CLASSROOM, SUPERNI, Example, answer_loss, collate, encode_examples, format_prompt, list_tasks,
                   load_tasks, read_task)
@@ -120,7 +121,7 @@ def predict(model, tok, examples, batch_size=64, max_new_tokens=50, use_task_ids
     prompts for the cache) -> [{task, id, prompt, references, prediction}]. sampling: generate()'s temperature,
     top_p and generator, for a sampled rather than greedy completion.
 
-    weights (n, M): ELREA's ensemble (the model holds a badit.Ensemble of M LoRAs). Each batch then runs
+    weights (n, M): ELREA's ensemble (the model holds a methods.Ensemble of M LoRAs). Each batch then runs
     as M x B rows, member-major, row a B + b under member a, and every step picks the token of the
     weighted sum of a query's M rows of logits (elrea.mixer); the weights go into the predictions."""
     was_training = model.training

@@ -261,7 +261,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
         self.windows = {layer.self_attn.window for layer in self.layers}  # one mask per distinct window
-        self.routing = None  # badit.Routing, once adapters are added: what they need of the batch (METHOD.md section 4)
+        self.routing = None  # routing.Routing, once adapters are added: what they need of the batch (METHOD.md section 4)
         self.activation_checkpointing = False  # recompute each block in backward to save memory
 
     def compile_layers(self, backend: str = "inductor"):

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from badit import routed_adapters, save_adapters
+from adapter_files import save_adapters
+from badit import routed_adapters
 from checks import InputError
 from files import (MARKER, atomic_write, check_writable_path, contents, empty_folder, inside, kind_of, lock_folder, mark,
                    read_json, read_jsonl, read_safetensors)
@@ -151,6 +152,8 @@ def save_checkpoint(model, optimizer, scheduler, position: dict, ckpt: Path, ran
         for name, a in routed_adapters(model).items():
             if hasattr(a, "signal_sum"):
                 tensors[f"signal.{name}.sum"], tensors[f"signal.{name}.last"] = a.signal_sum, a.signal_last
+            if hasattr(a, "angle_sum"):  # --angles-every's window, so that a resumed run logs the same angles
+                tensors[f"angles.{name}.sum"] = a.angle_sum
         tensors |= {f"rng.{kind}.{r}": state for r, states in enumerate(ranks) for kind, state in states.items()}
         state = {**position, "world": world, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict()}
         new, old = ckpt.with_name(ckpt.name + ".new"), ckpt.with_name(ckpt.name + ".old")
@@ -184,12 +187,23 @@ def load_checkpoint(model, optimizer, scheduler, folder: Path, rank: int, seed: 
             _, i, k = key.split(".", 2)
             opt_state.setdefault(int(i), {})[k] = v if k == "step" else v.to(device)
     groups = [{**g, "betas": tuple(g["betas"])} for g in state.pop("param_groups")]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    wrong = [f"{names.get(id(params[i]), f'parameter {i}')} {tuple(params[i].shape)} against {tuple(v.shape)} saved"
+             for i, s in opt_state.items() for k, v in s.items() if k != "step" and (i >= len(params) or v.shape != params[i].shape)]
+    if wrong or len(opt_state) > len(params):
+        found = "; ".join(wrong[:3]) or "more parameters saved than this model trains"
+        raise InputError(f"{folder}: the optimizer state does not fit this model's adapters ({found}): the checkpoint "
+                         f"was written with other adapter settings (--num-experts, --rank, --targets). Resume with the "
+                         f"run's own config.json (train.py --out RUN --resume), or start a new run.")
     optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     scheduler.load_state_dict(state.pop("scheduler"))
     for name, a in routed_adapters(model).items():
         if f"signal.{name}.sum" in tensors:
             a.register_buffer("signal_sum", tensors[f"signal.{name}.sum"].to(device), persistent=False)
             a.register_buffer("signal_last", tensors[f"signal.{name}.last"].to(device), persistent=False)
+        if f"angles.{name}.sum" in tensors:
+            a.register_buffer("angle_sum", tensors[f"angles.{name}.sum"].to(device), persistent=False)
     if f"rng.cpu.{rank}" in tensors:  # each rank continues its own dropout stream
         torch.set_rng_state(tensors[f"rng.cpu.{rank}"])
         if f"rng.cuda.{rank}" in tensors and device.type == "cuda":

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from badit import ADAPTERS
+from methods import ADAPTERS
 from checks import InputError, command, names, positive_int
 from data import CLASSROOM, SUPERNI
 from eval import colla, continual_metrics, maybe_plot
@@ -548,7 +548,8 @@ def summarise(results: Path) -> dict:
         r["method"] = next(c["method"] for c in study["cells"] if c["kind"] == "train" and row_of(c) == row)
         out["rows"][row] = r
     for row, r in out["rows"].items():  # every method against the reference, every variant against its method
-        for key, other in (("against_reference", study["reference"]), ("against_method", r["method"])):
+        ablated = [("against_badit", "badit")] if row in ABLATION and "badit" in out["rows"] else []
+        for key, other in [("against_reference", study["reference"]), ("against_method", r["method"])] + ablated:
             diffs = [a - b for a, b in paired(trained, row, other, tasks)] if other != row else []
             if diffs:
                 seeds = set(r["seeds"]) & set(out["rows"][other]["seeds"])
@@ -592,6 +593,8 @@ def continual_terms(c: dict) -> dict:
 
 
 CONTINUAL_REFERENCE = "gainlora"  # the continual state of the art the paper compares with (METHOD.md section 8)
+# The paper's ablation rows, each tested against the full method (badit) wherever both ran (METHOD.md section 6).
+ABLATION = {"badit-nobad": "w/o BAD", "badit-noregroup": "w/o DOG", "loramoe": "w/o both"}
 
 
 def continual_rows(continual: list[dict], per_cell: dict, reference: str) -> dict:
@@ -606,9 +609,11 @@ def continual_rows(continual: list[dict], per_cell: dict, reference: str) -> dic
              for k in ("AP", "Fgt", "Fwt", "Bwt")}
         r["runs"] = [continual_label(c) for c in mine]
         rows[row] = r
-    for suffix, other in (("reference", reference), (CONTINUAL_REFERENCE, CONTINUAL_REFERENCE)):
+    for suffix, other in (("reference", reference), (CONTINUAL_REFERENCE, CONTINUAL_REFERENCE), ("badit", "badit")):
         for row, r in rows.items():
             if row in (other, reference) or other not in rows:  # (the reference against gainlora: gainlora's row, negated)
+                continue
+            if suffix == "badit" and row not in ABLATION:
                 continue
             ours = {k: v for c in full if row_of(c) == row for k, v in continual_terms(c).items()}
             theirs = {k: v for c in full if row_of(c) == other for k, v in continual_terms(c).items()}
@@ -653,6 +658,7 @@ def markdown(name: str, s: dict) -> str:
         lines.append(f"Base model, average ROUGE-L {base['rougeL']:.1f}: no joint run has finished yet.")
     if s["continual"]:
         lines += continual_lines(s)
+    lines += ablation_lines(s)
     if s["analyses"]:
         lines += ["", "## Interference analyses (seed 0; METHOD.md section 8)", "",
                   "| method | task-gradient cosine, mean off-diagonal | negative pairs | co-activation: blocks marked by 1, 2, ... tasks |",
@@ -743,6 +749,29 @@ def continual_lines(s: dict) -> list[str]:
                 if key in r:
                     lines.append(paired_row(f"{h}: {what}", r[key], other, runs="runs (order, seed)",
                                             lower_is_better=what == "forgetting"))
+    return lines
+
+
+def ablation_lines(s: dict) -> list[str]:
+    """The paper's ablation at this study's scale: each ablated row against the full method (badit), mixed (paired
+    over seeds x tasks) and sequential (over orders x tasks: final scores and forgetting)."""
+    rows, continual = s["rows"], s.get("continual_rows", {})
+    present = [h for h in ABLATION if "against_badit" in rows.get(h, {}) or "final_against_badit" in continual.get(h, {})]
+    if not present:
+        return []
+    lines = ["", "## The paper's ablation, against `badit` (the full method)", "",
+             "Mixed: average ROUGE-L, mean ± standard deviation over seeds, and the paired difference to badit over seeds x "
+             "tasks. Sequential: AP and Fgt over orders, and the paired differences of the final scores and of the "
+             "forgetting over orders x tasks (lower forgetting is better).", "",
+             "| row | the paper's name | mixed | mixed vs badit (p) | sequential AP | Fgt | final vs badit (p) | forgetting vs badit (p) |",
+             "|---|---|---|---|---|---|---|---|"]
+    full_rows = [("badit", "full")] + [(h, ABLATION[h]) for h in present]
+    for h, name in full_rows:
+        r, c = rows.get(h, {}), continual.get(h, {})
+        test = lambda a: f"{a['mean_difference']:+.2f} ({a['p']:.3f}, {a['seeds']} {'seeds' if a is r.get('against_badit') else 'runs'})" if a else "-"  # noqa: E731
+        lines.append(f"| {h} | {name} | {mean_std(r.get('average', []))} | {test(r.get('against_badit'))} | "
+                     f"{mean_std(c.get('AP', []), 'run')} | {mean_std(c.get('Fgt', []), 'run')} | "
+                     f"{test(c.get('final_against_badit'))} | {test(c.get('forgetting_against_badit'))} |")
     return lines
 
 

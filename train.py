@@ -40,9 +40,10 @@ from tqdm import tqdm
 
 import continual
 import elrea
-from badit import (BRANCH_METHODS, METHODS, REGROUP_METHODS, REGROUP_STATS, accumulate_angle_signal, accumulate_regroup_signal,
-                   add_adapters, check_adapters, check_top_k, gradient_angles, load_adapters, regroup, reset_regroup_signal,
-                   save_adapters)
+from adapter_files import load_adapters, save_adapters
+from badit import (REGROUP_STATS, accumulate_angle_signal, accumulate_regroup_signal, gradient_angles, regroup,
+                   reset_regroup_signal)
+from methods import BRANCH_METHODS, METHODS, REGROUP_METHODS, add_adapters, check_adapters, check_top_k
 from checks import METHOD_FLAGS, InputError, check_method_flags, command, names, number, positive_int
 from data import (CLASSROOM, SUPERNI, answer_loss, batch_order, collate, encode_examples, fingerprint, list_tasks, load_tasks,
                   task_order)
@@ -57,10 +58,24 @@ ROOT = Path(__file__).resolve().parent
 
 # Two recipes. The paper's (METHOD.md section 8) for SuperNI; the classroom suite's for the main job on a
 # laptop CPU: fewer, shorter sequences, so a larger learning rate and fewer epochs.
+# Every hyperparameter's default, in this one block: the argument parser, its help texts and the per-method defaults
+# read them, so a classroom change is one edit here (METHOD.md section 8.1 says where each comes from).
+DEFAULTS = dict(
+    num_experts=8, rank=4, alpha=32.0, dropout=0.05, targets=["gate_proj"],  # the experts (METHOD.md sections 2-4)
+    regroup_until=0.5, regroup_signal="accumulated",  # DOG's schedule and signal (sections 5.9, 5.1)
+    task_experts=2,  # cgc: Ks per task, and Kc = K - Ks shared (section 6.1)
+    clusters=5, proj_dim=8192, feature_epochs=2, expert_lr_ratio=0.4,  # elrea (section 6.2)
+    orth_lambda=0.5, l2_lambda=0.0,  # o-lora's lambda_1, lambda_2, its scripts' (section 6.3)
+    weight_decay=0.0, warmup=0.03, clip=1.0, grad_accum=1, seed=0,  # the optimiser (section 8.1)
+    max_answer_len=50, max_new_tokens=50, eval_batch_size=64,  # the data and the evaluation (sections 7, 8.1)
+)
+# Two recipes: the paper's for SuperNI; the classroom suite's for the main job on a laptop CPU (fewer, shorter
+# sequences, so a larger learning rate and fewer epochs).
 RECIPES = {
     "paper": dict(lr=2e-4, epochs=10, batch_size=8, max_len=1024),
     "classroom": dict(lr=1e-3, epochs=4, batch_size=8, max_len=256),
 }
+PAPER, CLASSROOM_RECIPE = RECIPES["paper"], RECIPES["classroom"]
 RESUMABLE_FLAGS = ("--out", "--resume", "--device", "--compile", "--no-compile")  # what --resume may be given
 
 
@@ -76,40 +91,45 @@ def parse_args(argv=None):
     g.add_argument("--limit", type=positive_int, help="first N training instances per task (default: all)")
     g.add_argument("--eval-limit", type=positive_int, help="first N test instances per task (default: all)")
     g.add_argument("--max-len", type=number(int, 16), help="maximum prompt + answer tokens; the input is shortened "
-                   "to fit (default: 1024, classroom 256)")
-    g.add_argument("--max-answer-len", type=positive_int, default=50, help="answers are cut to this many tokens (METHOD.md section 7: 50)")
+                   f"to fit (default: {PAPER['max_len']}, classroom {CLASSROOM_RECIPE['max_len']})")
+    g.add_argument("--max-answer-len", type=positive_int, default=DEFAULTS["max_answer_len"], help="answers are cut to this "
+                   "many tokens (METHOD.md section 7) (default: %(default)s)")
 
     g = p.add_argument_group("method (METHOD.md sections 2-6)")
     g.add_argument("--method", default="badit", choices=METHODS + ("elrea",), help="the adapter to train, or elrea's "
                    "pipeline (elrea.py) (default: %(default)s)")
-    g.add_argument("--targets", type=names, default=["gate_proj"], help="comma-separated linear layer names to adapt "
-                   "(default: gate_proj)")
-    g.add_argument("--num-experts", type=positive_int, default=8, help="K experts of loramoe and badit; lora, pissa "
-                   "and elrea get rank K x r, cgc Kc = K - 2 common experts (default: %(default)s, the paper's)")
-    g.add_argument("--rank", type=positive_int, default=4, help="r, the rank of each expert (default: %(default)s)")
-    g.add_argument("--alpha", type=number(float, 0, low_open=True), default=32.0, help="LoRA alpha; every method "
+    g.add_argument("--targets", type=names, default=DEFAULTS["targets"], help="comma-separated linear layer names to "
+                   f"adapt (default: {','.join(DEFAULTS['targets'])})")
+    g.add_argument("--num-experts", type=positive_int, default=DEFAULTS["num_experts"], help="K experts of loramoe and "
+                   f"badit; lora, pissa and elrea get rank K x r, cgc Kc = K - {DEFAULTS['task_experts']} common experts "
+                   "(default: %(default)s, the paper's)")
+    g.add_argument("--rank", type=positive_int, default=DEFAULTS["rank"], help="r, the rank of each expert (default: %(default)s)")
+    g.add_argument("--alpha", type=number(float, 0, low_open=True), default=DEFAULTS["alpha"], help="LoRA alpha; every method "
                    "scales each rank-1 component by alpha / r, lora and pissa included (default: %(default)s)")
-    g.add_argument("--dropout", type=number(float, 0, 1, high_open=True), default=0.05,
+    g.add_argument("--dropout", type=number(float, 0, 1, high_open=True), default=DEFAULTS["dropout"],
                    help="dropout on the adapter input (default: %(default)s)")
     g.add_argument("--lora-rank", type=positive_int, help="lora, pissa, elrea: the LoRA's rank; o-lora, gainlora: "
                    "each task branch's (default: K x r, BADIT's total rank)")
     g.add_argument("--top-k", type=positive_int, help="loramoe only: keep the k largest gates (default: dense)")
-    g.add_argument("--common-experts", type=number(int, 0), help="cgc: Kc experts shared by all tasks (default: K - 2)")
-    g.add_argument("--task-experts", type=number(int, 0), help="cgc: Ks experts of each task (default: 2)")
+    g.add_argument("--common-experts", type=number(int, 0), help="cgc: Kc experts shared by all tasks "
+                   f"(default: K - {DEFAULTS['task_experts']})")
+    g.add_argument("--task-experts", type=number(int, 0), help="cgc: Ks experts of each task (default: "
+                   f"{DEFAULTS['task_experts']})")
 
     g = p.add_argument_group("continual baselines (o-lora, gainlora: continual.py)")
     g.add_argument("--orth-lambda", type=number(float, 0), help="o-lora: lambda_1, the weight of |A_old A_t^T| "
-                   "(default: 0.5, its scripts')")
+                   f"(default: {DEFAULTS['orth_lambda']:g}, its scripts')")
     g.add_argument("--l2-lambda", type=number(float, 0), help="o-lora: lambda_2, the weight of the new branch's norms "
-                   "(default: 0, its scripts')")
+                   f"(default: {DEFAULTS['l2_lambda']:g}, its scripts')")
 
     g = p.add_argument_group("regrouping (badit and badit-nobad, METHOD.md section 5)")
     g.add_argument("--regroup-every", type=positive_int, help="regroup every N optimizer steps instead of at the end "
                    "of each epoch in the first half of training")
     g.add_argument("--regroup-until", type=number(float, 0, 1, low_open=True), help="with --regroup-every: stop "
-                   "regrouping after this fraction of training (default: 0.5)")
+                   f"regrouping after this fraction of training (default: {DEFAULTS['regroup_until']:g})")
     g.add_argument("--regroup-signal", choices=["accumulated", "last"], help="gradients summed since the last regroup "
-                   "(accumulated, the default), or the last step's only (the authors' code, METHOD.md section 9)")
+                   f"(accumulated), or the last step's only, as the authors' code does (METHOD.md section 9) (default: "
+                   f"{DEFAULTS['regroup_signal']})")
     g.add_argument("--angles-every", type=positive_int, help="routed methods (loramoe, badit-noregroup, badit, "
                    "badit-nobad): log the intra- and inter-expert angles of the experts' gradients, summed over the last N "
                    "optimizer steps, per layer (the paper's Figure 4; `python eval.py angles RUN ...` draws them). A "
@@ -117,13 +137,15 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("elrea only (METHOD.md section 6, elrea.py)")
     g.add_argument("--clusters", type=positive_int, help="clusters of training examples asked of spherical k-means; "
-                   "while the largest is over 5x the smallest it is split, so there may be up to 3 more (default: 5)")
+                   "while the largest is over 5x the smallest it is split, so there may be up to 3 more (default: "
+                   f"{DEFAULTS['clusters']})")
     g.add_argument("--proj-dim", type=positive_int, help="dimension of the Rademacher projection of the gradient "
-                   "features (default: 8192; ELREA's thesis found 512 clearly worse: a smaller value is a classroom shortcut)")
+                   f"features (default: {DEFAULTS['proj_dim']}; ELREA's thesis found 512 clearly worse: a smaller value is a "
+                   "classroom shortcut)")
     g.add_argument("--feature-epochs", type=positive_int, help="features averaged over the base run's last N epoch "
-                   "ends (default: 2)")
+                   f"ends (default: {DEFAULTS['feature_epochs']})")
     g.add_argument("--expert-lr", type=number(float, 0, low_open=True), help="learning rate of the cluster experts "
-                   "(default: 0.4 x --lr, as ELREA's thesis)")
+                   f"(default: {DEFAULTS['expert_lr_ratio']:g} x --lr, as ELREA's thesis)")
 
     g = p.add_argument_group("optimisation (METHOD.md section 8)")
     g.add_argument("--setting", default="mtl", choices=["mtl", "continual", "single"], help="see above; elrea runs "
@@ -131,22 +153,23 @@ def parse_args(argv=None):
     g.add_argument("--order", type=number(int, 0), help="continual: the task order; 1 and 2 the benchmark's published "
                    "orders (classroom and other tasks: as listed, and reversed), N >= 3 a permutation seeded by N, 0 the "
                    "--seed-shuffled order of runs made before orders existed (default: 1)")
-    g.add_argument("--epochs", type=positive_int, help="default: 10, classroom 4")
-    g.add_argument("--lr", type=number(float, 0, low_open=True), help="AdamW learning rate (default: 2e-4, classroom 1e-3)")
-    g.add_argument("--weight-decay", type=number(float, 0), default=0.0, help="AdamW weight decay (default: %(default)s)")
+    g.add_argument("--epochs", type=positive_int, help=f"default: {PAPER['epochs']}, classroom {CLASSROOM_RECIPE['epochs']}")
+    g.add_argument("--lr", type=number(float, 0, low_open=True), help="AdamW learning rate (default: "
+                   f"{PAPER['lr']:g}, classroom {CLASSROOM_RECIPE['lr']:g})")
+    g.add_argument("--weight-decay", type=number(float, 0), default=DEFAULTS["weight_decay"], help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--batch-size", type=positive_int, help="global batch per optimizer step, over all ranks and "
-                   "accumulation steps (default: 8)")
-    g.add_argument("--grad-accum", type=positive_int, default=1, help="at least this many micro-batches per optimizer "
+                   f"accumulation steps (default: {PAPER['batch_size']}, classroom {CLASSROOM_RECIPE['batch_size']})")
+    g.add_argument("--grad-accum", type=positive_int, default=DEFAULTS["grad_accum"], help="at least this many micro-batches per optimizer "
                    "step on each rank, to fit memory; uneven batches are also split by length, which saves padding and "
                    "leaves the step unchanged (default: %(default)s)")
-    g.add_argument("--warmup", type=number(float, 0, 1, high_open=True), default=0.03,
+    g.add_argument("--warmup", type=number(float, 0, 1, high_open=True), default=DEFAULTS["warmup"],
                    help="warm-up fraction of the cosine schedule (default: %(default)s)")
-    g.add_argument("--clip", type=number(float, 0, low_open=True), default=1.0, help="gradient-norm clipping (default: %(default)s)")
+    g.add_argument("--clip", type=number(float, 0, low_open=True), default=DEFAULTS["clip"], help="gradient-norm clipping (default: %(default)s)")
     g.add_argument("--group-by-length", action="store_true", help="batches of similar length: less padding, faster, "
                    "but nearly single-task batches (default: plain seeded shuffling, METHOD.md section 8)")
 
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=number(int, 0), default=0, help="seeds initialisation, shuffling, answer choice, "
+    g.add_argument("--seed", type=number(int, 0), default=DEFAULTS["seed"], help="seeds initialisation, shuffling, answer choice, "
                    "k-means, continual order (default: %(default)s)")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available; under torchrun, cuda:LOCAL_RANK)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], help="base weights (default: bfloat16 with autocast where "
@@ -159,8 +182,9 @@ def parse_args(argv=None):
                    "recipe, whose main job took 110 s compiled against 39 s eager there, and on the CPU)")
     g.add_argument("--eval", default="both", choices=["both", "after", "none"], help="evaluate on the test sets before "
                    "(the base model) and after training, after only, or not at all (default: %(default)s)")
-    g.add_argument("--eval-batch-size", type=positive_int, default=64, help="prompts per generation batch (default: %(default)s)")
-    g.add_argument("--max-new-tokens", type=positive_int, default=50, help="greedy decoding length at evaluation (METHOD.md section 8.1: 50)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=DEFAULTS["eval_batch_size"], help="prompts per generation batch (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=DEFAULTS["max_new_tokens"], help="greedy decoding "
+                   "length at evaluation (METHOD.md section 8.1) (default: %(default)s)")
     g.add_argument("--out", help="run directory (default: runs/<method>-<setting>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint with its saved "
                    "config.json (only --device may be given besides)")
@@ -199,14 +223,15 @@ def fill_defaults(p, args):
     if args.setting == "continual" and args.order is None:
         args.order = 1
     recipe = RECIPES["classroom" if args.data == CLASSROOM else "paper"]
-    defaults = dict(regroup_until=0.5, regroup_signal="accumulated", clusters=5, proj_dim=8192, feature_epochs=2,
-                    common_experts=max(args.num_experts - 2, 0), task_experts=2,  # METHOD.md sections 5, 6
-                    orth_lambda=continual.ORTH_LAMBDA, l2_lambda=continual.L2_LAMBDA)
+    method_flags = ("regroup_until", "regroup_signal", "clusters", "proj_dim", "feature_epochs", "task_experts",
+                    "orth_lambda", "l2_lambda")  # None in the parser, so that a flag of another method is refused
+    defaults = {**{k: DEFAULTS[k] for k in method_flags},
+                "common_experts": max(args.num_experts - (args.task_experts or DEFAULTS["task_experts"]), 0)}
     for key, value in {**recipe, **defaults}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.method == "elrea":
-        args.expert_lr = args.expert_lr or 0.4 * args.lr
+        args.expert_lr = args.expert_lr or DEFAULTS["expert_lr_ratio"] * args.lr
     if args.method == "cgc" and args.common_experts + args.task_experts == 0:
         p.error("cgc needs at least one expert: --common-experts + --task-experts must be at least 1.")
     if args.max_len <= args.max_answer_len:

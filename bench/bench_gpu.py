@@ -81,7 +81,7 @@ def profile(args):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from badit import add_adapters
+    from methods import add_adapters
     from bench_train import batches
     from data import answer_loss
     from hf import load_model, load_tokenizer

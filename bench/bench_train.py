@@ -129,7 +129,7 @@ def run_side(args):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # the same autocast as ours
                 return peft_step(model, x)
     else:
-        from badit import add_adapters
+        from methods import add_adapters
 
         method, _, compiled = args.side.partition("+")
         model = load_model(args.model, device=device, dtype=dtype)  # bf16 weights: our forward autocasts itself

@@ -205,6 +205,22 @@ def tiny_trainable(tmp_path_factory):
     return folder
 
 
+def cut_and_resume(monkeypatch, train_argv, out, at_step, between=None):
+    """The interrupt-and-resume the tests repeat: train.py with train_argv into `out`, stopped by a real SIGINT during
+    optimizer step `at_step` (exit 130, a checkpoint), then `train.py --out OUT --resume`. between(): called after
+    the interrupt's patch is undone (with every other monkeypatch of the test) and before the resume."""
+    import train
+
+    interrupt_at(monkeypatch, at_step)
+    with pytest.raises(SystemExit) as stop:
+        train.main([*map(str, train_argv), "--out", str(out)])
+    assert stop.value.code == 130
+    monkeypatch.undo()
+    if between:
+        between()
+    train.main(["--out", str(out), "--resume"])
+
+
 def interrupt_at(monkeypatch, at_step):
     """Send this process a real SIGINT during the forward-backward of optimizer step `at_step` (counted over
     the whole run), as a Ctrl-C would arrive."""

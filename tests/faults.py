@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
+import adapter_files  # noqa: E402
 import badit  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
@@ -63,7 +64,7 @@ def inject(fault: str):
         original = train.finish
 
         def finish(model, tok, args, test, run_dir, rank):
-            save_file(badit.adapter_state(model), Path(run_dir) / f"rank{rank}.safetensors")
+            save_file(adapter_files.adapter_state(model), Path(run_dir) / f"rank{rank}.safetensors")
             return original(model, tok, args, test, run_dir, rank)
 
         train.finish = finish

@@ -592,7 +592,8 @@ def test_a_single_task_cgc_run_is_evaluated_with_the_task_ids_it_was_trained_wit
 
 
 def test_an_elrea_ensemble_is_not_merged(tiny_trainable):
-    from badit import add_adapters, merge_adapters
+    from adapter_files import merge_adapters
+    from methods import add_adapters
     from hf import load_model
 
     model = load_model(tiny_trainable, device="cpu", dtype=torch.float32)

@@ -1,4 +1,5 @@
-"""badit.py: function-preserving init, SVD experts, k-means, exact regrouping, saving, PEFT parity."""
+"""badit.py, methods.py, adapter_files.py: function-preserving init, SVD experts, k-means, exact regrouping, the router
+by hand, saving, PEFT parity."""
 
 import copy
 
@@ -7,10 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from badit import (METHODS, accumulate_angle_signal, accumulate_regroup_signal, add_adapters, adapters_of,
-                   balanced_assignment, dynamic_orthogonal_grouping, export_peft, expert_angles, gradient_angles,
-                   grouping_objective, linear_assignment, load_adapters, merge_adapters, orthogonal_targets,
-                   permutation_in_place, regroup, routed_adapters, save_adapters, spherical_kmeans)
+from adapter_files import export_peft, load_adapters, merge_adapters, save_adapters
+from badit import (accumulate_angle_signal, accumulate_regroup_signal, adapters_of, balanced_assignment,
+                   dynamic_orthogonal_grouping, expert_angles, gradient_angles, grouping_objective, linear_assignment,
+                   orthogonal_targets, permutation_in_place, regroup, routed_adapters, spherical_kmeans)
+from methods import METHODS, add_adapters
 from conftest import left_padded_batch
 from hf import load_model
 from model import generate
@@ -566,3 +568,48 @@ def test_gradient_angles_follow_the_gradients_and_restart(tiny_checkpoints):
     perms = regroup(badit)["permutations"]
     for name, a in routed_adapters(badit).items():
         assert torch.equal(a.angle_sum, before[name][torch.tensor(perms[name])])
+
+
+# ---------------------------------------------------------------------------------------------- the router by hand
+
+
+def routed_by_hand(a, x, prompt, top_k=None):
+    """METHOD.md (4.1)-(4.2) written out for one routed layer: the gate from the mean of x over each sequence's
+    prompt positions, K softmax, (optionally the k largest kept and renormalised), each expert's r components."""
+    K, r, s = a.num_experts, a.rank, a.scaling
+    out = []
+    for b in range(x.shape[0]):
+        xbar = x[b][prompt[b].bool()].mean(0)  # (n,) over this sequence's prompt only
+        g = torch.softmax(a.G @ xbar, dim=0)  # (K,)
+        if top_k is not None:
+            keep = torch.zeros(K)
+            keep[g.topk(top_k).indices] = 1
+            g = g * keep / (g * keep).sum()
+        c = torch.cat([K * g[e].repeat(r) for e in range(K)])  # (N,)
+        delta = sum(s * c[j] * torch.outer(a.B[:, j], a.A[j]) for j in range(a.A.shape[0]))  # (m, n)
+        out.append(x[b] @ (a.base.weight + delta).T + (a.base.bias if a.base.bias is not None else 0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("method,top_k", [("badit", None), ("loramoe", None), ("loramoe", 2)])
+def test_the_routed_forward_equals_the_formula_with_a_trained_router(tiny_checkpoints, method, top_k):
+    model = adapted(tiny_checkpoints["llama3"], method, **({"top_k": top_k} if top_k else {}))
+    randomize_adapters(model, seed=3, scale=0.2)  # non-zero router weights: the gates differ per sequence
+    name, a = next(iter(routed_adapters(model).items()))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, a.A.shape[1], generator=g)
+    prompt = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1]])  # answers, padding: 0
+    model.routing.begin(prompt, None, None)
+    with torch.no_grad():
+        got = a(x)
+        gates = model.routing.kept[0].gate
+    assert not torch.allclose(gates[0], gates[1])  # really routed: the sequences' gates differ
+    if top_k:
+        assert ((gates.view(3, a.num_experts, a.rank)[:, :, 0] > 0).sum(1) == top_k).all()
+    hand = routed_by_hand(copy.deepcopy(a).double(), x.double(), prompt, top_k)  # float64: what is left is the model's error
+    torch.testing.assert_close(got.double(), hand, atol=1e-5 * hand.abs().max().item(), rtol=1e-4)
+    x[0, 5:] += 100.0  # the answer's positions of sequence 0 move the output there, never its gate
+    model.routing.begin(prompt, None, None)
+    with torch.no_grad():
+        a(x)
+    torch.testing.assert_close(model.routing.kept[0].gate, gates)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import badit
+import methods
 import train
-from badit import add_adapters
 from conftest import left_padded_batch
+from methods import add_adapters
 from hf import load_model
 from model import generate
 
@@ -56,7 +56,7 @@ def test_badit_layers_compile_whole_and_their_graphs_stop_growing(tiny_checkpoin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", badit.ADAPTERS)
+@pytest.mark.parametrize("method", methods.ADAPTERS)
 def test_every_method_compiles_whole_and_its_graphs_stop_growing(tiny_checkpoints, method):
     compiles_whole_and_stops_growing(tiny_checkpoints["gemma2"], method)  # soft-capping, sliding windows: the most code
 

@@ -1,4 +1,4 @@
-"""The continual baselines (continual.py, badit.py's TaskBranches): O-LoRA's penalty against a brute-force sum,
+"""The continual baselines (continual.py, methods.py's TaskBranches): O-LoRA's penalty against a brute-force sum,
 o-lora on one task is lora, earlier branches never move, InfLoRA's A and GainLoRA's key avoid the old tasks'
 subspaces, the gate projection keeps the new gate off the old inputs, GPM's rule, and a continual run of each
 resumed after a kill in its second task."""
@@ -11,11 +11,13 @@ import torch
 
 import continual
 import train
-from badit import GainLoRA, TaskGates, adapters_of, add_adapters, load_adapters
-from conftest import interrupt_at
+from adapter_files import load_adapters
+from badit import adapters_of
+from conftest import cut_and_resume
 from data import encode_examples, load_tasks
 from hf import load_model, load_tokenizer
-from test_train import FAST, log_of, losses, run
+from methods import GainLoRA, TaskGates, add_adapters
+from test_train import FAST, log_of, losses, run, train_argv
 
 TWO = ["--tasks", "sort_ascending,copy_words"]  # two tasks with different inputs
 
@@ -76,11 +78,7 @@ def test_earlier_branches_never_move_and_a_kill_in_task_2_resumes_exactly(tiny_t
         penalties = [e["penalty"] for e in log_of(tmp_path / "full") if "penalty" in e]
         assert len(penalties) == 4 and all(p > 0 for p in penalties)  # task 2's steps only
 
-    interrupt_at(monkeypatch, 4 + 2)  # step 2 of the second task (the first takes 4 steps)
-    with pytest.raises(SystemExit):
-        run(tiny_trainable, tmp_path / "cut", *extra)
-    monkeypatch.undo()
-    train.main(["--out", str(tmp_path / "cut"), "--resume"])
+    cut_and_resume(monkeypatch, train_argv(tiny_trainable, *extra), tmp_path / "cut", 4 + 2)  # step 2 of task 2
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     full, cut = (json.loads((tmp_path / d / "continual.json").read_text()) for d in ("full", "cut"))
     assert cut == full
@@ -190,7 +188,7 @@ def test_a_saved_gainlora_adapter_reloads_with_its_gates_and_memory(tiny_trainab
     assert int(model.task_gates.task) == 1 and all(int(a.task) == 1 for a in adapters_of(model).values())
     assert int(model.task_gates.size_u) >= 1
     with pytest.raises(ValueError, match="gates depend on each input"):
-        from badit import merge_adapters
+        from adapter_files import merge_adapters
         merge_adapters(model)
 
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import train
-from badit import METHODS, REGROUP_METHODS, add_adapters, spherical_kmeans
-from conftest import ROOT, hf_model, interrupt_at, left_padded_batch
+from badit import spherical_kmeans
+from methods import METHODS, REGROUP_METHODS, add_adapters
+from conftest import ROOT, cut_and_resume, hf_model, left_padded_batch
 from hf import load_model
 from model import generate
 from test_badit import planted
@@ -106,11 +107,7 @@ def test_resume_on_cuda_equals_an_uninterrupted_run(tiny_trainable, tmp_path, mo
     lost the RNG state (other dropout masks) misses these tolerances by far."""
     extra = ["--method", "badit", "--epochs", "3", "--eval", "none", "--dropout", "0.3"]
     train.main(["--model", str(tiny_trainable), "--out", str(tmp_path / "full"), *ON_GPU, *extra])
-    interrupt_at(monkeypatch, 3)
-    with pytest.raises(SystemExit):
-        train.main(["--model", str(tiny_trainable), "--out", str(tmp_path / "cut"), *ON_GPU, *extra])
-    monkeypatch.undo()
-    train.main(["--out", str(tmp_path / "cut"), "--resume"])
+    cut_and_resume(monkeypatch, ["--model", tiny_trainable, *ON_GPU, *extra], tmp_path / "cut", 3)
     full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert [s for s, _ in full] == [s for s, _ in cut]
     assert [loss for _, loss in cut] == pytest.approx([loss for _, loss in full], rel=1e-3)

@@ -15,7 +15,9 @@ import elrea
 import eval as evaluation
 import runs
 import train
-from badit import add_adapters, adapters_of, load_adapters, save_adapters
+from adapter_files import load_adapters, save_adapters
+from badit import adapters_of
+from methods import add_adapters
 from conftest import interrupt_at, left_padded_batch
 from data import CLASSROOM_TASKS, encode_examples, load_tasks
 from hf import load_model, load_tokenizer
@@ -59,7 +61,7 @@ def brute_force_feature(model, example, snapshots, proj_dim, seed, pad_id):
     whole Rademacher matrix materialised."""
     from safetensors.torch import load_file
 
-    from badit import load_adapter_state
+    from adapter_files import load_adapter_state
 
     directions = []
     for folder in snapshots:

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from badit import Routing
+from routing import Routing
 from conftest import FAMILIES, hf_model, hf_positions, left_padded_batch
 from hf import load_model
 from model import generate

@@ -16,8 +16,10 @@ import torch
 import eval as evaluation
 import runs
 import train
-from badit import METHODS, REGROUP_METHODS, REGROUP_STATS, adapter_state
-from conftest import ROOT, interrupt_at
+from adapter_files import adapter_state
+from badit import REGROUP_STATS
+from methods import METHODS, REGROUP_METHODS
+from conftest import ROOT, cut_and_resume
 from hf import load_model
 
 FAST = ["--data", "classroom", "--tasks", "sort_ascending,sort_descending", "--limit", "8", "--batch-size", "4",
@@ -26,6 +28,14 @@ FAST = ["--data", "classroom", "--tasks", "sort_ascending,sort_descending", "--l
 
 def run(model_dir, out, *extra):
     train.main(["--model", str(model_dir), "--out", str(out), *FAST, *extra])
+
+
+def train_argv(model_dir, *extra):
+    return ["--model", str(model_dir), *FAST, *extra]
+
+
+def assert_len(items, n):
+    assert len(items) == n
 
 
 def log_of(out):
@@ -91,13 +101,9 @@ def test_the_angle_diagnostic_changes_no_number_of_the_run(tiny_trainable, tmp_p
 def test_interrupt_and_resume_equal_an_uninterrupted_run(tiny_trainable, tmp_path, monkeypatch, at_step):
     extra = ["--method", "badit", "--epochs", "3", "--eval", "none"]
     run(tiny_trainable, tmp_path / "full", *extra)
-    interrupt_at(monkeypatch, at_step)
-    with pytest.raises(SystemExit) as stop:
-        run(tiny_trainable, tmp_path / "cut", *extra)
-    assert stop.value.code == 130
-    assert len(losses(tmp_path / "cut")) == at_step  # the step under way finishes, then the checkpoint
-    monkeypatch.undo()
-    train.main(["--out", str(tmp_path / "cut"), "--resume"])
+    stopped_at = lambda: losses(tmp_path / "cut")  # noqa: E731  (the step under way finishes, then the checkpoint)
+    cut_and_resume(monkeypatch, train_argv(tiny_trainable, *extra), tmp_path / "cut", at_step,
+                   between=lambda: assert_len(stopped_at(), at_step))
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")  # bitwise, dropout included
     for a, b in zip(adapter_state_of(tmp_path / "full"), adapter_state_of(tmp_path / "cut")):
         assert torch.equal(a, b)
@@ -124,12 +130,20 @@ def test_sigint_to_a_subprocess_leaves_a_loadable_checkpoint(tiny_trainable, tmp
     assert "checkpoint saved" in output and "--resume" in output
     position = json.loads((out / "checkpoint" / "trainer.json").read_text())
     assert position["step"] == len(losses(out))
-    model = load_model(tiny_trainable, device="cpu", dtype=torch.float32)
-    train.add_adapters(model, "badit", num_experts=6, rank=4, init=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    assert runs.load_checkpoint(model, optimizer, scheduler, out / "checkpoint", 0, 0)["step"] == position["step"]
+    config = json.loads((out / "config.json").read_text())
+
+    def loaded(num_experts):
+        model = load_model(tiny_trainable, device="cpu", dtype=torch.float32)
+        train.add_adapters(model, "badit", num_experts=num_experts, rank=config["rank"], init=True)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        return runs.load_checkpoint(model, optimizer, scheduler, out / "checkpoint", 0, 0), optimizer
+
+    state, optimizer = loaded(config["num_experts"])  # the run's own K
+    assert state["step"] == position["step"]
     assert len(optimizer.state) == 3 * 3  # A, B and the router G of three layers
+    with pytest.raises(ValueError, match=r"layers.0.mlp.gate_proj.A \(24, 64\) against \(32, 64\) saved"):
+        loaded(6)  # another K: the saved moments do not fit, and the error names them
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_trainable, tmp_path, capsys, monkeypatch):
@@ -255,13 +269,13 @@ def test_gradient_accumulation_equals_the_full_batch(tiny_trainable, tmp_path):
 def test_continual_resume_after_an_interrupt_in_the_second_task(tiny_trainable, tmp_path, monkeypatch):
     extra = ["--method", "badit", "--setting", "continual", "--eval", "after"]
     run(tiny_trainable, tmp_path / "full", *extra)
-    interrupt_at(monkeypatch, 4 + 2)  # step 2 of the second task (the first takes 4 steps)
-    with pytest.raises(SystemExit):
-        run(tiny_trainable, tmp_path / "cut", *extra)
-    assert len(json.loads((tmp_path / "cut" / "continual.json").read_text())["rougeL"]) == 1
-    assert [e["phase"] for e in log_of(tmp_path / "cut") if "loss" in e] == [0, 0, 0, 0, 1, 1]
-    monkeypatch.undo()
-    train.main(["--out", str(tmp_path / "cut"), "--resume"])
+
+    def stopped_in_task_2():
+        assert len(json.loads((tmp_path / "cut" / "continual.json").read_text())["rougeL"]) == 1
+        assert [e["phase"] for e in log_of(tmp_path / "cut") if "loss" in e] == [0, 0, 0, 0, 1, 1]
+
+    cut_and_resume(monkeypatch, train_argv(tiny_trainable, *extra), tmp_path / "cut", 4 + 2,  # step 2 of task 2
+                   between=stopped_in_task_2)
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     full, cut = (json.loads((tmp_path / d / "continual.json").read_text()) for d in ("full", "cut"))
     assert cut == full
@@ -309,18 +323,14 @@ def test_resume_rebuilds_the_residual_from_the_saved_components(tiny_trainable, 
     with a perturbed SVD at resume the run still continues exactly."""
     extra = ["--method", "badit", "--epochs", "3", "--eval", "none"]
     run(tiny_trainable, tmp_path / "full", *extra)
-    interrupt_at(monkeypatch, 3)
-    with pytest.raises(SystemExit):
-        run(tiny_trainable, tmp_path / "cut", *extra)
-    monkeypatch.undo()
     svd = torch.linalg.svd
 
     def perturbed_svd(W, **kw):
         U, S, Vh = svd(W, **kw)
         return U, S * 1.001, Vh
 
-    monkeypatch.setattr(torch.linalg, "svd", perturbed_svd)
-    train.main(["--out", str(tmp_path / "cut"), "--resume"])
+    cut_and_resume(monkeypatch, train_argv(tiny_trainable, *extra), tmp_path / "cut", 3,
+                   between=lambda: monkeypatch.setattr(torch.linalg, "svd", perturbed_svd))
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
@@ -382,7 +392,8 @@ def test_no_import_cycles():
     no module imports one above it, not even inside a function."""
     import ast
 
-    layers = ["checks", "files", "data", "model", "hf", "badit", "continual", "elrea", "eval", "runs", "train", "study"]
+    layers = ["checks", "files", "data", "model", "hf", "routing", "badit", "methods", "adapter_files", "continual", "elrea",
+              "eval", "runs", "train", "study"]
     for i, name in enumerate(layers):
         file = ROOT / f"{name}.py"
         if not file.is_file():
@@ -407,7 +418,8 @@ def one_step_keeps_float32_state(model_dir, device: str):
     """METHOD.md section 8: one badit step with bf16 weights (autocast) and one with float32 weights on `device`:
     adapter parameters, their gradients, AdamW state, router gates and loss are float32 in both."""
     import data
-    from badit import add_adapters, routed_adapters
+    from badit import routed_adapters
+    from methods import add_adapters
 
     losses_by_dtype = {}
     for dtype in (torch.bfloat16, torch.float32):
@@ -448,11 +460,7 @@ def test_resume_is_bitwise_in_bf16(tiny_trainable, tmp_path, monkeypatch):
     native_cpu_bf16()
     extra = ["--method", "badit", "--epochs", "3", "--eval", "none", "--dtype", "bfloat16"]
     run(tiny_trainable, tmp_path / "full", *extra)
-    interrupt_at(monkeypatch, 3)
-    with pytest.raises(SystemExit):
-        run(tiny_trainable, tmp_path / "cut", *extra)
-    monkeypatch.undo()
-    train.main(["--out", str(tmp_path / "cut"), "--resume"])
+    cut_and_resume(monkeypatch, train_argv(tiny_trainable, *extra), tmp_path / "cut", 3)
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     assert all(torch.equal(a, b) for a, b in zip(adapter_state_of(tmp_path / "full"), adapter_state_of(tmp_path / "cut")))
 
