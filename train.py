@@ -359,6 +359,39 @@ def backward_global_batch(model, mine, n_answer, args, device):
     return loss_sum, tokens
 
 
+def train_step(model, batch, optimizer, scheduler, params, args, rank: int, world: int, ctrl_c: StopRequests) -> dict:
+    """One optimizer step on a global batch (METHOD.md section 8.1): forward and loss on this rank's share, in
+    micro-batches, and backward; O-LoRA's penalty; the gradients averaged over the ranks; BADIT's regroup signal (and
+    the angle diagnostic's); clipping; AdamW and the schedule. A non-finite loss updates nothing. -> the step's loss,
+    answer tokens, gradient norm, O-LoRA's penalty and whether any rank asked to stop (ctrl_c, until now)."""
+    device = model.lm_head.weight.device
+    n_answer = sum(len(e.answer_ids) for e in batch)  # the loss is the mean over the global batch
+    mine = batch[rank::world]  # this rank's share, as DistributedSampler interleaves
+    loss_sum, tokens = backward_global_batch(model, mine, n_answer, args, device)
+    reg = continual.penalty(model, args.orth_lambda, args.l2_lambda) if args.method == "o-lora" else None
+    if reg is not None:  # O-LoRA's regulariser, once per step (summed over ranks: each adds 1 / world)
+        (reg / world).backward()
+    # ctrl_c is read after the backward: a Ctrl-C that came during this step stops at its end
+    stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
+                         torch.tensor(float(ctrl_c.requested), device=device)])
+    if world > 1:
+        all_reduce_gradients(params)
+        dist.all_reduce(stats)
+    loss, stopping = stats[0].item() / n_answer, stats[2].item() > 0
+    if not math.isfinite(loss):
+        return dict(loss=loss, stopping=stopping)
+    if args.method in REGROUP_METHODS:
+        accumulate_regroup_signal(model)
+    if args.angles_every:
+        accumulate_angle_signal(model)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(loss=loss, tokens=stats[1].item(), grad_norm=grad_norm, stopping=stopping,
+                penalty=reg.item() if reg is not None else None)
+
+
 def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, phase: int = 0, resume=False,
                 keep_epochs=()) -> None:
     """Train the model's adapters on `examples` for args.epochs epochs; checkpoint in run_dir/checkpoint.
@@ -366,7 +399,6 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
     A phase is one training run with its own optimizer and schedule: the whole of mtl, one task of
     continual. keep_epochs: epoch numbers (1-based) whose end-of-epoch checkpoint is also kept as
     run_dir/epoch_<e>/ (ELREA's gradient features read them)."""
-    device = model.lm_head.weight.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     continual.constrain(model, optimizer)  # GainLoRA: each step's update kept off the old tasks' inputs
@@ -388,40 +420,22 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                        disable=rank != 0, unit="step", dynamic_ncols=True)
             for b in range(first_batch, len(batches)):
                 start = time.perf_counter()
-                batch = [examples[i] for i in batches[b]]
-                n_answer = sum(len(e.answer_ids) for e in batch)  # the loss is the mean over the global batch
-                mine = batch[rank::world]  # this rank's share, as DistributedSampler interleaves
-                loss_sum, tokens = backward_global_batch(model, mine, n_answer, args, device)
-                reg = continual.penalty(model, args.orth_lambda, args.l2_lambda) if args.method == "o-lora" else None
-                if reg is not None:  # O-LoRA's regulariser, once per step (summed over ranks: each adds 1 / world)
-                    (reg / world).backward()
-                stats = torch.stack([loss_sum, torch.tensor(float(tokens), device=device),
-                                     torch.tensor(float(ctrl_c.requested), device=device)])
-                if world > 1:
-                    all_reduce_gradients(params)
-                    dist.all_reduce(stats)
-                loss_value, stopping = stats[0].item() / n_answer, stats[2].item() > 0
-                if not math.isfinite(loss_value):
-                    raise Stop(f"non-finite loss ({loss_value}) at step {step + 1} (epoch {epoch + 1}, batch {b}): "
+                out = train_step(model, [examples[i] for i in batches[b]], optimizer, scheduler, params, args, rank,
+                                 world, ctrl_c)
+                if not math.isfinite(out["loss"]):
+                    raise Stop(f"non-finite loss ({out['loss']}) at step {step + 1} (epoch {epoch + 1}, batch {b}): "
                                f"training stopped; the last good checkpoint is kept in {ckpt} (if an epoch had "
                                f"finished). Lower --lr, or check the data and --dtype.", exit_code=1)
-                if args.method in REGROUP_METHODS:
-                    accumulate_regroup_signal(model)
-                if args.angles_every:
-                    accumulate_angle_signal(model)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                stopping = out["stopping"]
                 step += 1
                 lr = scheduler.get_last_lr()[0]
-                tok_s = stats[1].item() / (time.perf_counter() - start)
+                tok_s = out["tokens"] / (time.perf_counter() - start)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
                 if log:
-                    log.write(json.dumps(dict(phase=phase, epoch=epoch + 1, step=step, loss=loss_value, lr=lr,
-                                              grad_norm=grad_norm, tokens_per_s=tok_s,
-                                              **({"penalty": reg.item()} if reg is not None else {}))) + "\n")
+                    log.write(json.dumps(dict(phase=phase, epoch=epoch + 1, step=step, loss=out["loss"], lr=lr,
+                                              grad_norm=out["grad_norm"], tokens_per_s=tok_s,
+                                              **({"penalty": out["penalty"]} if out["penalty"] is not None else {}))) + "\n")
                     log.flush()
                 if args.angles_every and step % args.angles_every == 0:
                     log_angles(model, log, phase, epoch, step)
