@@ -768,10 +768,12 @@ def ablation_lines(s: dict) -> list[str]:
     full_rows = [("badit", "full")] + [(h, ABLATION[h]) for h in present]
     for h, name in full_rows:
         r, c = rows.get(h, {}), continual.get(h, {})
-        test = lambda a: f"{a['mean_difference']:+.2f} ({a['p']:.3f}, {a['seeds']} {'seeds' if a is r.get('against_badit') else 'runs'})" if a else "-"  # noqa: E731
-        lines.append(f"| {h} | {name} | {mean_std(r.get('average', []))} | {test(r.get('against_badit'))} | "
+        def test(a, unit):
+            return f"{a['mean_difference']:+.2f} ({a['p']:.3f}, {a['seeds']} {unit}{'s' if a['seeds'] != 1 else ''})" if a else "-"
+
+        lines.append(f"| {h} | {name} | {mean_std(r.get('average', []))} | {test(r.get('against_badit'), 'seed')} | "
                      f"{mean_std(c.get('AP', []), 'run')} | {mean_std(c.get('Fgt', []), 'run')} | "
-                     f"{test(c.get('final_against_badit'))} | {test(c.get('forgetting_against_badit'))} |")
+                     f"{test(c.get('final_against_badit'), 'run')} | {test(c.get('forgetting_against_badit'), 'run')} |")
     return lines
 
 

@@ -277,9 +277,10 @@ def test_the_pictures_and_the_angles_over_training(tmp_path):
     and the average after each task."""
     rng = np.random.default_rng(0)
     cells = []
-    for method in ("lora", "badit-nobad"):
+    for method in ("lora", "badit-nobad", "badit"):
         for seed in (0, 1):
-            cell = write_cell(tmp_path, f"{method}-s{seed}", method, seed, scores={"a": 40.0 + seed, "b": 60.0})
+            score = {"lora": 40.0, "badit-nobad": 42.0, "badit": 45.0}[method] + seed
+            cell = write_cell(tmp_path, f"{method}-s{seed}", method, seed, scores={"a": score, "b": 60.0})
             if method == "badit-nobad":
                 angles = [{"phase": 0, "step": s, "intra": 80.0 - s, "inter": 90.0 + seed} for s in (4, 8)]
                 (tmp_path / "cells" / cell["id"] / "curve.json").write_text(json.dumps({"loss": [1.0], "regroups": [],
@@ -297,6 +298,10 @@ def test_the_pictures_and_the_angles_over_training(tmp_path):
     assert s["rows"]["badit-nobad"]["angles"][1] == [{"phase": 0, "step": 4, "intra": 76.0, "inter": 91.0},
                                                      {"phase": 0, "step": 8, "intra": 72.0, "inter": 91.0}]
     assert "angles" not in s["rows"]["lora"]
+    ablation = s["rows"]["badit-nobad"]["against_badit"]  # the paper's "w/o BAD" against the full method
+    assert ablation["pairs"] == 4 and ablation["mean_difference"] == pytest.approx((-3.0 + 0.0) / 2)
+    assert "against_badit" not in s["rows"]["lora"]
+    assert "| badit-nobad | w/o BAD | 51.2 ± 0.4 | -1.50 (0.500, 2 seeds) |" in study.markdown("t", s)
     assert s["continual_matrices"]["badit-nobad (order 1, seed 0)"]["rougeL"] == json.loads(
         (tmp_path / "cells" / "badit-nobad-continual-o1-s0" / "continual.json").read_text())["rougeL"]
     pytest.importorskip("matplotlib")
