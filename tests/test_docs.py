@@ -40,8 +40,9 @@ def test_no_tracked_file_cites_a_document_outside_the_repository():
     """The team's own specification lives outside the repository; a reader has METHOD.md. (CI's script may read
     the benchmark's copy beside the repository, and the elrea-superni study's records keep the data path it ran
     with.)"""
-    found = subprocess.run(["git", "grep", "-n", "-e", "SPEC", "-e", r"\.\./shared", "--", ".", ":!.ci/run",
-                            ":!results/elrea-superni/*", ":!tests/test_docs.py"],
+    spec, shared = "SP" + "EC", r"\.\./" + "shared"  # spelled apart, so that this test does not find itself
+    found = subprocess.run(["git", "grep", "-n", "-e", spec, "-e", shared, "--", ".", ":!.ci/run",
+                            ":!results/elrea-superni/*"],
                            cwd=ROOT, capture_output=True, text=True)
     if found.returncode == 128:
         pytest.skip("not a git checkout")
