@@ -10,7 +10,7 @@ import torch
 
 from badit import MoE, adapters_of, set_residual
 from checks import InputError, MissingFile
-from files import atomic_write, read_json, read_safetensors
+from files import ADAPTER_CONFIG, atomic_write, read_record, read_safetensors
 from hf import hf_name
 from methods import CGC, SVD_METHODS, Ensemble, GainLoRA, OLoRA, add_adapters
 
@@ -42,7 +42,8 @@ def load_adapters(model, adapter_dir) -> dict:
     for name in ("adapter_config.json", "adapter.safetensors"):
         if not (adapter_dir / name).is_file():
             raise MissingFile(f"{adapter_dir / name} is missing: pass a folder written by save_adapters (a run directory).")
-    config = read_json(adapter_dir / "adapter_config.json", "it was not written completely; use a complete run directory")
+    config = read_record(adapter_dir / "adapter_config.json", ADAPTER_CONFIG,
+                         "it was not written completely or was edited; use a complete run directory")
     hyper = {k: v for k, v in config.items() if k not in ("method", "active_rank", "trainable_params")}
     add_adapters(model, config["method"], **hyper, init=False)
     load_adapter_state(model, adapter_dir / "adapter.safetensors")
@@ -61,6 +62,11 @@ def load_adapter_state(model, file):
     if set(state) != set(expected):
         diff = sorted(set(state) ^ set(expected))[:3]
         raise InputError(f"{file} does not fit this model and adapter_config.json (e.g. {diff}).")
+    wrong = [f"{k} {tuple(state[k].shape)} against {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:  # an adapter of another rank or number of experts than adapter_config.json says
+        raise InputError(f"{file} does not fit adapter_config.json beside it ({'; '.join(wrong[:2])}"
+                         f"{f' and {len(wrong) - 2} more' if len(wrong) > 2 else ''}): the two files come from different "
+                         f"runs. Restore the folder from a copy, or train again.")
     for name, a in adapters_of(model).items():
         a.load_state_dict({k: state[f"{name}.{k}"] for k in a.state_dict() if not k.startswith("base.")}, strict=False)
     if hasattr(model, "task_gates"):

@@ -7,7 +7,9 @@ paragraph and exits 2, without a traceback. Any other exception is a bug and kee
 """
 
 import argparse
+import errno
 import math
+import os
 import sys
 
 
@@ -20,12 +22,38 @@ class MissingFile(InputError, FileNotFoundError):
 
 
 def command(main):
-    """Run a command-line main(): an InputError is printed as one paragraph, exit status 2."""
+    """Run a command-line main(): an InputError, or an error of the operating system (a full disk, a read-only folder,
+    a missing permission), is printed as one paragraph naming the file, exit status 2; Ctrl-C ends with 130 and a
+    closed output pipe (`... | head -1`) quietly; anything else is a bug and keeps its traceback."""
     try:
         return main()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # the reader of our output went away: nothing more to say, to anyone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # as a shell reports a process ended by SIGPIPE
+    except KeyboardInterrupt:
+        print("\ninterrupted.", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        print(f"error: {os_error(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+FIXES = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (the quota is full)",
+         errno.EROFS: "the file system is read-only: choose a writable folder",
+         errno.EACCES: "you lack the permission: fix it (chmod) or choose another folder",
+         errno.EPERM: "you lack the permission: fix it (chmod) or choose another folder",
+         errno.ENOENT: "check the path", errno.ENOTDIR: "a part of the path is a file, not a folder",
+         errno.EISDIR: "it is a folder where a file is expected", errno.EMFILE: "too many files are open: raise ulimit -n"}
+
+
+def os_error(e: OSError) -> str:
+    """An error of the operating system as one sentence: what, on which file, and what to do."""
+    where = f"{e.filename}" + (f" -> {e.filename2}" if getattr(e, "filename2", None) else "") if e.filename else "a file"
+    fix = FIXES.get(e.errno, "check the path, the disk and the permissions")
+    return f"{where}: {e.strerror or e} ({errno.errorcode.get(e.errno, 'OSError')}); {fix}, then run the command again."
 
 
 # ----------------------------------------------------------------------------------------------

@@ -426,7 +426,7 @@ def classroom_task(name: str, split: str) -> Task:
 def export_classroom(out_dir):
     """Write the classroom suite in SuperNI layout: <out>/<task>/{train,dev,test}.json, into a new or empty
     folder (or one an earlier export made), each file atomically."""
-    out = new_folder(out_dir, "classroom export", "data.py --export", "--export")
+    out = new_folder(out_dir, "classroom export", "data.py --export", "--export", also=CLASSROOM_TASKS)
     for name in CLASSROOM_TASKS:
         (out / name).mkdir(exist_ok=True)
         for split in SPLITS:

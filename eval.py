@@ -32,12 +32,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import elrea
+import files
 from adapter_files import export_peft, load_adapters, merge_adapters
 from badit import REGROUP_STATS, adapters_of
 from checks import ROUTED, InputError, MissingFile, command, names, number, positive_int
 from data import (CLASSROOM, SUPERNI, Example, answer_loss, collate, encode_examples, format_prompt, list_tasks,
                   load_tasks, read_task)
-from files import atomic_write, kind_of, new_folder, read_json, read_jsonl, write_json
+from files import (METRICS, RUN_CONFIG, atomic_write, check_apart, check_record, kind_of, new_folder, read_json, read_jsonl,
+                   read_record, write_json, write_signed)
 from hf import DEMO_MODEL, load_model, load_tokenizer, read_model_args, save_model
 from model import generate
 
@@ -157,12 +159,13 @@ def evaluate(model, tok, examples, out_dir=None, name="metrics", **kw) -> dict:
     predictions = predict(model, tok, examples, **kw)
     metrics = score(predictions)
     metrics["task_ids_used"] = bool(kw.get("use_task_ids"))
-    if out_dir is not None:
+    metrics["max_new_tokens"] = kw.get("max_new_tokens", 50)  # with per_task's n: what a comparison must match
+    if out_dir is not None:  # each file whole or not at all; the record (.json, which says "done") last
         out = Path(out_dir)
-        with open(out / f"{name}_predictions.jsonl", "w") as f:
-            f.writelines(json.dumps(p) + "\n" for p in predictions)
-        (out / f"{name}.json").write_text(json.dumps(metrics, indent=2))
-        (out / f"{name}.md").write_text(markdown_table({name: metrics}))
+        atomic_write(out / f"{name}_predictions.jsonl",
+                     lambda f: Path(f).write_text("".join(json.dumps(p) + "\n" for p in predictions)))
+        atomic_write(out / f"{name}.md", lambda f: Path(f).write_text(markdown_table({name: metrics})))
+        write_json(out / f"{name}.json", metrics)
     return metrics
 
 
@@ -186,10 +189,15 @@ def markdown_table(runs: dict, note="") -> str:
 
 
 def read_config(run_dir) -> dict:
+    """A run's config.json, checked (RUN_CONFIG): a model folder, or a damaged record, is named as such."""
     file = Path(run_dir) / "config.json"
     if not file.is_file():
         raise MissingFile(f"{file} is missing: pass a run directory written by train.py.")
-    return read_json(file, "the run's configuration is damaged")
+    cfg = read_json(file, "the run's configuration is damaged")
+    if isinstance(cfg, dict) and "model_type" in cfg and "method" not in cfg:
+        raise InputError(f"{run_dir} is a model checkpoint, not a run directory: pass a run written by train.py "
+                         f"(a model goes with --model).")
+    return check_record(cfg, RUN_CONFIG, file, "the run's configuration is damaged: restore it from a copy")
 
 
 def load_run(run_dir=None, model_path=None, device=None, dtype=None, adapter=True):
@@ -328,7 +336,8 @@ def evaluation_folder(args) -> Path:
     if kind_of(out) == "run" or (out / "config.json").is_file() and (out / "log.jsonl").is_file():
         raise InputError(f"--out {out} holds another run: its scores would be mixed with {args.run_dir or 'the base model'}'s. "
                          f"Leave --out out to write into the evaluated run, or choose a new folder.")
-    return new_folder(out, "evaluation", "eval.py", "--out")
+    check_apart({"--out": out}, {"RUN_DIR": args.run_dir, "--model": args.model, "--data": args.data})
+    return new_folder(out, "evaluation", "eval.py", "--out", of=args.run_dir or f"base {args.model}")
 
 
 def task_numbering(run_dir, cfg: dict) -> list[str]:
@@ -352,7 +361,7 @@ def read_prompts(args) -> list[str]:
         if not file.is_file():
             raise MissingFile(f"--file {file} does not exist: give a JSONL file, one {{\"prompt\": ...}} per line.")
         prompts = []
-        for i, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(utf8(file.read_bytes(), f"--file {file}").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -364,7 +373,20 @@ def read_prompts(args) -> list[str]:
                 raise InputError(f"{file}: line {i} needs a string field \"prompt\" (or \"input\", with --task).")
             prompts.append(text)
         return prompts
-    return [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if sys.stdin is None or sys.stdin.closed:
+        raise InputError("no prompt: standard input is closed; give --prompt TEXT or --file F.jsonl.")
+    if sys.stdin.isatty():  # never wait silently
+        print("reading prompts from the terminal, one per line; end with Ctrl-D (or give --prompt TEXT / --file F.jsonl)",
+              file=sys.stderr)
+    return [line for line in utf8(sys.stdin.buffer.read(), "standard input").splitlines() if line.strip()]
+
+
+def utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}): save the prompts "
+                         f"as UTF-8.") from None
 
 
 def cmd_generate(args):
@@ -422,7 +444,11 @@ def cmd_export(args):
         raise InputError(f"merging a cgc adapter takes one task's gate: give --task, one of {', '.join(cfg['tasks'])}.")
     if not (args.peft or args.merged):
         raise InputError("give --peft DIR or --merged DIR.")
-    folders = {flag: new_folder(d, kind, "eval.py export", flag) for flag, d, kind in
+    if args.peft and args.merged and (files.inside(args.peft, args.merged) or files.inside(args.merged, args.peft)):
+        raise InputError(f"--peft {args.peft} and --merged {args.merged} overlap: a PEFT adapter and a merged model are "
+                         f"two outputs; give them two separate folders.")
+    check_apart({"--peft": args.peft, "--merged": args.merged}, {"RUN_DIR": args.run_dir, "the run's --model": cfg["model"]})
+    folders = {flag: new_folder(d, kind, "eval.py export", flag, of=args.run_dir) for flag, d, kind in
                (("--peft", args.peft, "peft export"), ("--merged", args.merged, "merged model")) if d}
     model, _, _ = load_run(args.run_dir, None, args.device, args.dtype or "float32")
     if "--peft" in folders:
@@ -439,7 +465,7 @@ def run_metrics(run_dir) -> dict:
     file = Path(run_dir) / "metrics_test.json"
     if not file.is_file():
         raise MissingFile(f"{run_dir} has no metrics_test.json: run `python eval.py evaluate {run_dir} --replace` first.")
-    return read_json(file, "the run's record is damaged; evaluate it again with `eval.py evaluate RUN --replace`")
+    return read_record(file, METRICS, "the run's record is damaged; evaluate it again with `eval.py evaluate RUN --replace`")
 
 
 def single_runs(paths) -> dict:
@@ -473,6 +499,18 @@ def matching_single(run, cfg: dict, singles: dict, tasks: list[str]):
     return per_task
 
 
+def evaluated_with(metrics: dict) -> tuple:
+    """What a score depends on besides the model: the decoding length and the examples per task (None: not recorded)."""
+    return metrics.get("max_new_tokens"), {t: v.get("n") for t, v in metrics["per_task"].items()}
+
+
+def describe_settings(settings: tuple) -> str:
+    tokens, counts = settings
+    n = sorted({c for c in counts.values() if c is not None})
+    return (f"max_new_tokens {tokens if tokens is not None else 'not recorded'}, "
+            f"{'/'.join(map(str, n)) if n else 'unrecorded numbers of'} examples per task")
+
+
 def cmd_compare(args):
     singles, runs, task_sets = single_runs(args.single), {}, {}
     for run in args.run_dirs:
@@ -489,13 +527,18 @@ def cmd_compare(args):
         runs = {(n + " [other tasks]" if n in other else n): m for n, m in runs.items()}
         note += " [other tasks]: this run's average is over another task set than the first run's (" + "; ".join(
             f"{n}: {len(task_sets[n])} tasks, {len(task_sets[n] & first)} shared" for n in other) + ")."
+    settings = {n: evaluated_with(m) for n, m in runs.items()}
+    first_settings = settings[next(iter(settings))]
+    differ = [n for n, (tokens, counts) in settings.items() if tokens != first_settings[0]
+              or any(counts[t] != first_settings[1][t] for t in set(counts) & set(first_settings[1]))]
+    if differ:  # rows decoded shorter, or on fewer examples, are not comparable either
+        runs = {(n + " [other settings]" if n in differ else n): m for n, m in runs.items()}
+        note += " [other settings]: evaluated with other settings than the first run (" + "; ".join(
+            f"{n}: {describe_settings(settings[n])}" for n in differ) + f"; the first: {describe_settings(first_settings)})."
     text = markdown_table(runs, note)
-    print(text)
     if args.out:
-        out = Path(args.out)
-        if out.is_file() and not out.read_text(errors="replace").startswith("| task |"):
-            raise InputError(f"--out {out} is a file this command did not write; choose another file.")
-        atomic_write(out, lambda f: Path(f).write_text(text))
+        write_signed(args.out, text, "eval.py compare")
+    print(text)
 
 
 def cmd_continual(args):

@@ -14,9 +14,12 @@ library), and the device and precision are chosen here (METHOD.md section 8).
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -25,7 +28,7 @@ from safetensors.torch import save_file
 
 from checks import InputError, MissingFile, command, positive_int
 from data import format_prompt
-from files import atomic_write, read_json, write_json
+from files import NUMBER, atomic_write, check_record, read_json, read_record, write_json
 from model import ModelArgs, Transformer, generate, rope_frequencies
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
@@ -36,8 +39,17 @@ DEMO_MODEL = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Ins
 # config.json -> ModelArgs
 
 
+NONE = type(None)
+MODEL_CONFIG = {"hidden_size?": int, "num_attention_heads?": int, "num_hidden_layers?": int, "intermediate_size?": int,
+                "vocab_size?": int, "num_key_value_heads?": (int, NONE), "max_position_embeddings?": (int, NONE),
+                "rms_norm_eps?": NUMBER, "head_dim?": (int, NONE), "sliding_window?": (int, NONE),
+                "rope_theta?": NUMBER, "rope_parameters?": (dict, NONE), "rope_scaling?": (dict, NONE),
+                "layer_types?": ([str], NONE), "tie_word_embeddings?": bool}  # the types of the fields model_args reads
+
+
 def model_args(cfg: dict, source: str = "config.json") -> ModelArgs:
     """Translate a Hugging Face config.json (old `rope_scaling` or new `rope_parameters`)."""
+    check_record(cfg, MODEL_CONFIG, source, "fix the file, or re-download the checkpoint")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise InputError(
@@ -129,10 +141,34 @@ def checkpoint_dir(path) -> Path:
     )
 
 
+HUB_TIMEOUT = float(os.environ.get("BADIT_HUB_TIMEOUT", 30))  # seconds to wait for the hub's first answer
+
+
+def answers(repo_id: str) -> bool:
+    """Whether the hub answers a question about repo_id within HUB_TIMEOUT (any answer, a refusal included, or no
+    network at all, which the cache then serves); False only when the server is reached but stays silent."""
+    from huggingface_hub import HfApi, constants
+
+    print(f"looking up {repo_id} on the Hugging Face hub ({constants.ENDPOINT}; waiting at most {HUB_TIMEOUT} s) ...",
+          file=sys.stderr)
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT)
+    except Exception as e:  # the hub's client raises httpx or requests errors, depending on its version
+        return "Timeout" not in type(e).__name__
+    return True
+
+
 def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    if not constants.HF_HUB_OFFLINE and not answers(repo_id):  # a server that never answers: the cache, or a clear error
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+        except LocalEntryNotFoundError:
+            raise MissingFile(f"{repo_id}: the Hugging Face hub ({constants.ENDPOINT}) did not answer within {HUB_TIMEOUT} s, "
+                              f"and the model is not in the cache {constants.HF_HUB_CACHE}: check the network (or "
+                              f"HF_ENDPOINT), or pass a local checkpoint folder.") from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))  # with the hub's progress bars
     except LocalEntryNotFoundError:
@@ -145,6 +181,39 @@ def _hub_snapshot(repo_id: str) -> Path:
                           f"check the id, or log in (`hf auth login`) for a gated model.") from None
 
 
+def model_fingerprint(path) -> dict:
+    """{file name: sha256 prefix} of every file of a checkpoint folder (weights, config, tokenizer): a run records it,
+    and --resume refuses a model whose weights or configuration changed since. Each file's hash is cached by path,
+    size and modification time ($BADIT_CACHE/fingerprints.json), so a large model is hashed once."""
+    import hashlib
+    import os
+
+    folder = checkpoint_dir(path)
+    cache_file = Path(os.environ.get("BADIT_CACHE") or Path.home() / ".cache" / "badit") / "fingerprints.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    out, changed = {}, False
+    for file in sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")):
+        stat, key = file.stat(), str(file.resolve())
+        seen = cache.get(key)
+        if isinstance(seen, list) and seen[:2] == [stat.st_size, stat.st_mtime_ns]:
+            out[file.name] = seen[2]
+            continue
+        with open(file, "rb") as f:
+            out[file.name] = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        cache[key], changed = [stat.st_size, stat.st_mtime_ns, out[file.name]], True
+    if changed:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json(cache_file, cache)
+        except OSError:  # a read-only home: the hashes are computed again next time
+            pass
+    return out
+
+
 def read_model_args(path) -> ModelArgs:
     file = checkpoint_dir(path) / "config.json"
     if not file.is_file():
@@ -154,7 +223,11 @@ def read_model_args(path) -> ModelArgs:
 
 def _checkpoint_files(path: Path) -> list[Path]:
     if (path / "model.safetensors.index.json").is_file():
-        weight_map = read_json(path / "model.safetensors.index.json")["weight_map"]
+        index = read_record(path / "model.safetensors.index.json", {"weight_map": dict}, "re-download the checkpoint")
+        weight_map = index["weight_map"]
+        if not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{path / 'model.safetensors.index.json'}: weight_map must map tensor names to file names; "
+                             f"re-download the checkpoint.")
         files = [path / name for name in sorted(set(weight_map.values()))]
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
@@ -305,6 +378,9 @@ def load_model(path, device=None, dtype=None) -> Transformer:
             continue
         module_name, _, leaf = name.rpartition(".")
         param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=expected[name].requires_grad)
+        if not torch.isfinite(param).all():  # found here, not as a NaN loss blamed on the learning rate
+            raise InputError(f"{file}: the base model's tensor {key!r} holds NaN or infinite values (read as "
+                             f"{str(dtype).removeprefix('torch.')}): the checkpoint is damaged; re-download it.")
         setattr(model.get_submodule(module_name), leaf, param)
     if args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -314,6 +390,16 @@ def load_model(path, device=None, dtype=None) -> Transformer:
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
+
+
+TOKEN = (str, dict, NONE)  # a special token: its text, or {"content": text, ...}
+TOKEN_IDS = (int, [int], NONE)
+TOKENIZER_RECORDS = {  # the fields the tokenizer reads, and their types
+    "tokenizer_config.json": {"bos_token?": TOKEN, "eos_token?": TOKEN, "pad_token?": TOKEN},
+    "generation_config.json": {"bos_token_id?": TOKEN_IDS, "eos_token_id?": TOKEN_IDS, "pad_token_id?": TOKEN_IDS},
+    "config.json": {"bos_token_id?": TOKEN_IDS, "eos_token_id?": TOKEN_IDS, "pad_token_id?": TOKEN_IDS,
+                    "vocab_size?": int},
+}
 
 
 class Tokenizer:
@@ -336,7 +422,10 @@ class Tokenizer:
             self.tk = HFTokenizer.from_file(str(file))
         except Exception as e:
             raise InputError(f"{file}: cannot be read by the tokenizers package ({e}).") from None
-        optional = lambda name: read_json(path / name) if (path / name).is_file() else {}  # noqa: E731
+        def optional(name):  # a record of the checkpoint, checked by schema (TOKENIZER_RECORDS) where it is read
+            file = path / name
+            return read_record(file, TOKENIZER_RECORDS[name], "fix the file, or re-download the checkpoint") if file.is_file() else {}
+
         tok_cfg, gen_cfg, cfg = optional("tokenizer_config.json"), optional("generation_config.json"), optional("config.json")
 
         def token_id(key):  # tokenizer_config.json names the token; the configs give ids

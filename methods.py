@@ -278,13 +278,15 @@ def check_adapters(model, method: str, targets, num_experts: int, rank: int, lor
     device, so that a run can check its adapters before any weight is loaded."""
     if method not in ADAPTERS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(ADAPTERS)}.")
-    linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    # the decoder layers' linears: lm_head is read directly by the loss and by generation, so an adapter there would
+    # never be trained (nor used)
+    linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name.startswith("layers.")}
     names = [name for name in linears if name.split(".")[-1] in targets]
     unmatched = [t for t in targets if not any(name.split(".")[-1] == t for name in names)]
     if unmatched:
         kinds = sorted({n.split(".")[-1] for n in linears})
         raise InputError(f"--targets {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} no linear layer; the "
-                         f"model's linear layers are named {', '.join(kinds)}.")
+                         f"model's decoder layers' linears are named {', '.join(kinds)}.")
     N = (lora_rank or num_experts * rank) if method == "pissa" else num_experts * rank
     for name in names if method in SVD_METHODS else []:
         m, n = linears[name].weight.shape

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -23,14 +24,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from adapter_files import save_adapters
 from badit import routed_adapters
-from checks import InputError
-from files import (MARKER, atomic_write, check_writable_path, contents, empty_folder, inside, kind_of, lock_folder, mark,
-                   read_json, read_jsonl, read_safetensors)
+from checks import InputError, os_error
+from data import CLASSROOM, SUPERNI, superni_cache
+from files import (LOG_ENTRY, MARKER, TRAINER_STATE, check_record, atomic_write, check_apart, check_no_links, check_writable_path, contents, describe,
+                   empty_folder, foreign, kind_of, lock_folder, mark, read_jsonl, read_record, read_safetensors)
 from hf import resolve_device
 
 
@@ -52,9 +55,8 @@ def check_out(args):
     only ever empties a folder it made, which carries its marker, and never the one holding --model)."""
     run_dir = Path(args.out)
     check_writable_path(run_dir, "--out")
-    if Path(args.model).is_dir() and inside(args.model, run_dir):
-        raise InputError(f"--out {run_dir} holds the model in use (--model {args.model}): a run there could delete "
-                         f"it; choose another --out.")
+    check_apart({"--out": run_dir}, {"--model": args.model, "--data": data_root(args.data)})
+    check_no_links(run_dir, "--out")
     kind = kind_of(run_dir)
     if args.resume:
         if kind not in (None, "run"):
@@ -71,6 +73,29 @@ def check_out(args):
     if not args.overwrite and progressed(run_dir):
         raise InputError(f"{run_dir} already holds a run: continue it with `python train.py --out {run_dir} --resume`, "
                          f"replace it with --overwrite, or choose another --out.")
+    if not args.overwrite and (kept := [p for p in contents(run_dir) if p.name not in BEFORE_FIRST_STEP]):
+        raise InputError(f"{run_dir} holds a run that never finished a step, with files a restart would delete "
+                         f"({describe(kept)}): replace it with --overwrite, or choose another --out.")
+    if bad := foreign(run_dir, "run", run_tasks(run_dir)):
+        raise InputError(f"--out {run_dir} holds files that train.py did not write ({describe(bad)}): a new run there "
+                         f"would delete them. Move them away, or choose another --out.")
+
+
+BEFORE_FIRST_STEP = ("config.json", "log.jsonl")  # what a run that failed before its first step holds: cheap to redo
+
+
+def run_tasks(run_dir: Path) -> list[str]:
+    """The task names of a run's config.json (a single-task run's folders bear them), or [] if it has none."""
+    try:
+        tasks = json.loads((run_dir / "config.json").read_text()).get("tasks", [])
+        return [t for t in tasks if isinstance(t, str)]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def data_root(data: str):
+    """--data as a folder (superni: the downloaded benchmark), or None for the embedded classroom suite."""
+    return None if data == CLASSROOM else superni_cache() if data == SUPERNI else data
 
 
 def progressed(run_dir: Path) -> bool:
@@ -86,6 +111,7 @@ def claim_run_dir(args, rank: int):
     run_dir = Path(args.out)
     if rank != 0:
         return None
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_folder(run_dir, "train.py", "--out")
     try:
@@ -93,8 +119,8 @@ def claim_run_dir(args, rank: int):
         if not args.resume and contents(run_dir):
             if not args.overwrite:
                 print(f"{run_dir} holds a run that never finished a step: it restarts with this command's flags.")
-            empty_folder(run_dir, "run", "--out")
-        mark(run_dir, "run", "train.py")
+            empty_folder(run_dir, "run", "--out", run_tasks(run_dir))
+        mark(run_dir, "run", "train.py", created=created)
     except BaseException:
         if lock:
             lock.close()
@@ -122,6 +148,21 @@ def check_same_data(args, now: dict):
                          f"Restore the data the run began with, or start a new run (another --out, or --overwrite).")
 
 
+def check_same_model(args, now: dict):
+    """--resume refuses a base model whose files changed since the run began (a weight, a config value, the
+    tokenizer), naming them: the adapter was trained on the model as it was."""
+    saved = getattr(args, "model_fingerprint", None)
+    if saved is None:
+        print(f"note: {args.out} was made before runs recorded their model's fingerprint: the model is not checked.")
+        return
+    changed = sorted(n for n in set(saved) | set(now) if saved.get(n) != now.get(n))
+    if changed:
+        raise InputError(f"the model {args.model} changed since {args.out} began ({', '.join(changed[:4])}"
+                         f"{f' and {len(changed) - 4} more' if len(changed) > 4 else ''} differ): the run's adapter was "
+                         f"trained on the model as it was. Restore the model, or start a new run (another --out, or "
+                         f"--overwrite).")
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: safetensors for tensors, JSON for the rest, never pickle. A checkpoint is written to
 # checkpoint.new/ and then renamed over checkpoint/ (the old one goes to checkpoint.old/ for the
@@ -129,14 +170,42 @@ def check_same_data(args, now: dict):
 
 DAMAGED = "the checkpoint is damaged; restore the run directory from a copy, or start again with --overwrite"
 DAMAGED_RUN = "the run directory is damaged; restore it from a copy, or start again with --overwrite"
+DAMAGED_LOG = "the log was edited or damaged; restore it from a copy, or delete the line"
 
 
 def checkpoint_folder(ckpt: Path) -> Path | None:
-    """The last complete checkpoint: ckpt, or ckpt.old after a crash between the two renames, or None."""
-    for folder in (ckpt, ckpt.with_name(ckpt.name + ".old")):
-        if (folder / "trainer.json").is_file():
-            return folder
-    return None
+    """The last checkpoint: ckpt, or ckpt.old after a crash between the two renames (only if complete: a kill during
+    its deletion leaves it half-deleted; trainer.json, written last, lists every file with its size), or None. A
+    damaged ckpt is returned, so that loading it names the damage."""
+    if (ckpt / "trainer.json").is_file():
+        return ckpt
+    old = ckpt.with_name(ckpt.name + ".old")
+    return old if complete(old) else None
+
+
+def complete(folder: Path) -> bool:
+    try:
+        listed = json.loads((folder / "trainer.json").read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(listed, dict):  # a checkpoint of before the list: its files must all be there
+        listed = {n: None for n in ("trainer.safetensors", "adapter.safetensors", "adapter_config.json")}
+    return all((folder / n).is_file() and size in (None, (folder / n).stat().st_size) for n, size in listed.items())
+
+
+EXPLODED = 1e4  # an adapter weight this large has blown up: trained ones stay within a few units (SVD pieces: sqrt(sigma))
+
+
+def check_trainable(model, ckpt: Path, when: str):
+    """Stop (exit 1) before a checkpoint of adapter weights that are not finite or have blown up: the last good
+    checkpoint stays."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    largest = torch.stack([p.detach().abs().max().float() for _, p in params]).max().item() if params else 0.0
+    if not math.isfinite(largest) or largest > EXPLODED:
+        name = next(n for n, p in params if not torch.isfinite(p).all() or p.detach().abs().max().item() > EXPLODED)
+        raise Stop(f"the adapter has blown up {when}: {name} holds {'non-finite values' if not math.isfinite(largest) else f'a weight of {largest:.3g}'} "
+                   f"(trained adapters stay within a few units). Training stopped; the last good checkpoint is kept in {ckpt} "
+                   f"(if an epoch had finished). Lower --lr.", exit_code=1)
 
 
 def save_checkpoint(model, optimizer, scheduler, position: dict, ckpt: Path, rank: int, world: int):
@@ -157,20 +226,24 @@ def save_checkpoint(model, optimizer, scheduler, position: dict, ckpt: Path, ran
         tensors |= {f"rng.{kind}.{r}": state for r, states in enumerate(ranks) for kind, state in states.items()}
         state = {**position, "world": world, "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict()}
         new, old = ckpt.with_name(ckpt.name + ".new"), ckpt.with_name(ckpt.name + ".old")
-        shutil.rmtree(new, ignore_errors=True)
         try:
+            shutil.rmtree(new, ignore_errors=True)
             new.mkdir(parents=True)
             save_adapters(model, new)
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, new / "trainer.safetensors")
-            (new / "trainer.json").write_text(json.dumps(state, indent=1))
-        except OSError as e:
+            files = {f.name: f.stat().st_size for f in new.iterdir()}
+            (new / "trainer.json").write_text(json.dumps({**state, "files": files}, indent=1))  # last: it vouches for the rest
+            if ckpt.exists() and old.exists():  # a kill left ckpt and a stale old: old is not needed
+                shutil.rmtree(old)
+            if ckpt.exists():
+                ckpt.rename(old)
+            new.rename(ckpt)
+        except (OSError, SafetensorError) as e:
             shutil.rmtree(new, ignore_errors=True)
-            last = f"the previous checkpoint in {ckpt} is intact" if checkpoint_folder(ckpt) else "no checkpoint was written yet"
-            raise Stop(f"could not write the checkpoint ({e}); {last}: free disk space and continue with "
+            last = f"the previous checkpoint in {checkpoint_folder(ckpt)} is intact" if checkpoint_folder(ckpt) else "no checkpoint was written yet"
+            raise Stop(f"could not write the checkpoint ({os_error(e) if isinstance(e, OSError) else e}); {last}: free "
+                       f"disk space (or make {ckpt.parent} writable) and continue with "
                        f"`python train.py --out {ckpt.parent} --resume`.", exit_code=1) from None
-        if ckpt.exists():
-            ckpt.rename(old)
-        new.rename(ckpt)
         shutil.rmtree(old, ignore_errors=True)
     if world > 1:
         dist.barrier()
@@ -178,7 +251,8 @@ def save_checkpoint(model, optimizer, scheduler, position: dict, ckpt: Path, ran
 
 def load_checkpoint(model, optimizer, scheduler, folder: Path, rank: int, seed: int) -> dict:
     """Restore what save_checkpoint wrote (the adapter itself is loaded by attach_adapters); -> position."""
-    state = read_json(folder / "trainer.json", DAMAGED)
+    state = read_record(folder / "trainer.json", TRAINER_STATE, DAMAGED)
+    state.pop("files", None)
     tensors = read_safetensors(folder / "trainer.safetensors", DAMAGED)
     device = model.lm_head.weight.device
     opt_state = {}
@@ -222,10 +296,13 @@ def resume_phase(model, optimizer, scheduler, run_dir: Path, phase: int, rank: i
     folder = checkpoint_folder(ckpt)
     if folder is not None:
         saved = load_checkpoint(model, optimizer, scheduler, folder, rank, seed)
-        if saved["phase"] == phase:
-            position = saved["epoch"], saved["batch"], saved["step"]
-            if rank == 0:
-                print(f"resuming {run_dir} at epoch {position[0] + 1}, batch {position[1]}, step {position[2]}")
+        if saved["phase"] != phase:  # copied from another run, or another task's folder: not this run's state
+            raise InputError(f"{folder} is the checkpoint of phase {saved['phase'] + 1} (a task of a continual run), "
+                             f"and this run resumes phase {phase + 1}: it is not this run's checkpoint. Restore the "
+                             f"run directory from a copy, or start again with --overwrite.")
+        position = saved["epoch"], saved["batch"], saved["step"]
+        if rank == 0:
+            print(f"resuming {run_dir} at epoch {position[0] + 1}, batch {position[1]}, step {position[2]}")
     elif rank == 0 and (lost := logged_steps(run_dir / "log.jsonl", phase)):
         print(f"no checkpoint in {ckpt} (the run stopped before its first epoch ended): the {lost} logged steps "
               f"of this phase are discarded; it restarts at step 0.")
@@ -258,15 +335,20 @@ class StopRequests:
             signal.signal(sig, handler)
 
 
+def read_log(file: Path) -> list[dict]:
+    """log.jsonl's records, each checked (LOG_ENTRY: every line has its phase and step)."""
+    return [check_record(e, LOG_ENTRY, file, DAMAGED_LOG, where=f"line {i + 1}: ") for i, e in enumerate(read_jsonl(file))]
+
+
 def logged_steps(file: Path, phase: int) -> int:
-    return sum(1 for e in read_jsonl(file) if "loss" in e and e["phase"] == phase)
+    return sum(1 for e in read_log(file) if "loss" in e and e["phase"] == phase)
 
 
 def trim_log(file: Path, phase: int, step: int):
     """Drop log lines written after the checkpoint (a crash between checkpoints), so steps are not repeated,
     and a last line torn by a kill during its write."""
     if file.is_file():
-        keep = [e for e in read_jsonl(file) if (e["phase"], e["step"]) <= (phase, step)]
+        keep = [e for e in read_log(file) if (e["phase"], e["step"]) <= (phase, step)]
         atomic_write(file, lambda f: Path(f).write_text("".join(json.dumps(e) + "\n" for e in keep)))
 
 

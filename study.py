@@ -16,9 +16,12 @@ a paired sign-flip permutation test over seeds x tasks). PNG plots are added whe
 
 import argparse
 import contextlib
+import ctypes
 import io
 import itertools
 import json
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -34,8 +37,8 @@ from methods import ADAPTERS
 from checks import InputError, command, names, positive_int
 from data import CLASSROOM, SUPERNI
 from eval import colla, continual_metrics, maybe_plot
-from files import (atomic_write, check_writable_path, contents, empty_folder, kind_of, lock_folder, mark, read_json,
-                   read_jsonl)
+from files import (MARKER, METRICS, atomic_write, check_no_links, check_writable_path, contents, empty_folder, kind_of,
+                   lock_folder, mark, read_json, read_jsonl, read_record)
 from runs import progressed
 from train import parse_args
 
@@ -191,7 +194,14 @@ STUDIES = {"classroom": classroom_study, "superni": superni_study, "classroom-pa
            "superni-paper": superni_paper_study}
 
 
+GRID_FLAGS = ("--out", "--resume", "--overwrite", "--method", "--seed", "--setting", "--order")  # each cell's own
+
+
 def custom_study(args, train_flags) -> dict:
+    if given := [f for f in GRID_FLAGS if any(a == f or a.startswith(f + "=") for a in train_flags)]:
+        raise InputError(f"{', '.join(given)} after -- would override what the grid sets for each cell (its run folder "
+                         f"under studies/, its method, seed, setting and order): drop {'it' if len(given) == 1 else 'them'}; "
+                         f"vary methods with --methods, seeds with --seeds, orders with --orders, the place with --dir.")
     if any(a == "--eval" and b == "none" or a == "--eval=none" for a, b in zip(train_flags, train_flags[1:] + [""])):
         raise InputError("a study compares the runs' scores: drop --eval none.")
     cells = []
@@ -215,11 +225,14 @@ def custom_study(args, train_flags) -> dict:
 
 
 def done(cell: Cell, run: Path) -> bool:
-    if cell.kind == "base":
-        return (run / "metrics_base.json").is_file()
+    """Whether a cell has finished: its record is there and whole (a torn or edited one is not a finished cell)."""
     if cell.kind == "analysis":
         return (run / "conflict.csv").is_file() and (run / "coactivation.csv").is_file()
-    return (run / "metrics_test.json").is_file()
+    record = run / ("metrics_base.json" if cell.kind == "base" else "metrics_test.json")
+    try:
+        return record.is_file() and bool(read_record(record, METRICS, "")["per_task"])
+    except InputError:
+        return False
 
 
 def commands(cell: Cell, study: dict, work: Path, python: list) -> list[list]:
@@ -296,6 +309,15 @@ def run_cell(cell: Cell, study: dict, work: Path, python: list, bar):
         spent.write_text(str(time.time() - start + (float(spent.read_text()) if spent.is_file() else 0.0)))
 
 
+def end_with_parent():
+    """In the child, before it starts (Linux): a SIGTERM when the study ends, even killed hard, so that no cell runs on
+    unwatched (train.py takes it as a Ctrl-C: a checkpoint, then it stops). Elsewhere: nothing."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_commands(cell: Cell, cmds: list, logs: Path, work: Path, bar):
     for cmd in cmds:
         with open(logs / f"{cell.id}.out", "a") as out:
@@ -304,7 +326,7 @@ def run_commands(cell: Cell, cmds: list, logs: Path, work: Path, bar):
             # its own session: a Ctrl-C reaches the study only, which passes exactly one on (a second
             # one would stop train.py without a checkpoint)
             proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=end_with_parent)
             seen = None
             try:
                 while proc.poll() is None:
@@ -355,12 +377,13 @@ def collect(cell: Cell, work: Path, results: Path):
     (dest / "cell.json").write_text(json.dumps({**asdict(cell), **seconds}, indent=1))
 
 
-def study_command() -> str:
-    """This study's command line as it is recorded; where its files go (--dir) does not change what runs."""
+def study_command(keep_dir=True) -> str:
+    """This study's command line, to run again (keep_dir) or as it is recorded in study.json (where its files go,
+    --dir, does not change what runs)."""
     argv = sys.argv[1:]
-    if "--dir" in argv:
+    if "--dir" in argv and not keep_dir:
         del argv[argv.index("--dir"):argv.index("--dir") + 2]
-    return "python study.py " + " ".join(argv)
+    return "python study.py " + " ".join(shlex.quote(a) for a in argv)
 
 
 def grid_record(study: dict) -> dict:
@@ -381,19 +404,20 @@ def same_grid(saved: dict, record: dict) -> bool:
 
 def claim_study(name: str, work: Path, results: Path, record: dict, overwrite: bool):
     """Lock the study and make sure its folders are its own (files.py's rule): new, or made by study.py for
-    this study (a study.json of before the markers counts), and, unless --overwrite, with the same grid.
+    this study, and, unless --overwrite, with the same grid.
     --overwrite empties both, the finished cells' results included. -> the lock (keep it)."""
     for folder in (work, results):
         check_writable_path(folder, "--dir")
-    legacy = kind_of(results) is None and (results / "study.json").is_file()
-    for folder in (work, results):
-        if contents(folder) and kind_of(folder) != "study" and not legacy:
-            raise InputError(f"{folder} holds files that study.py did not write; choose another study name or --dir.")
+        if contents(folder) and kind_of(folder) != "study":
+            raise InputError(f"{folder} holds files that study.py did not mark as a study's (no {MARKER}, or another "
+                             f"kind): they are not touched. Move them away, or choose another study name or --dir.")
+        check_no_links(folder, "--dir")
+    made = {folder: not folder.exists() for folder in (work, results)}
     work.mkdir(parents=True, exist_ok=True)
     lock = lock_folder(work, "study.py", "study name")
     try:
         for folder in (work, results):
-            mark(folder, "study", "study.py")
+            mark(folder, "study", "study.py", created=made[folder])
         saved = read_json(results / "study.json") if (results / "study.json").is_file() else None
         if saved and not same_grid(saved, record):
             if not overwrite:
@@ -424,7 +448,7 @@ def run_study(name: str, study: dict, launcher: str, nproc: int, base: Path = RO
 
 def run_cells(name: str, study: dict, launcher: str, nproc: int, work: Path, results: Path) -> list[str]:
     command = study_command()
-    record = {"command": command, **grid_record(study), **({"notes": study["notes"]} if study.get("notes") else {})}
+    record = {"command": study_command(keep_dir=False), **grid_record(study), **({"notes": study["notes"]} if study.get("notes") else {})}
     atomic_write(results / "study.json", lambda f: Path(f).write_text(json.dumps(record, indent=1)))
     python = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                                  if launcher == "torchrun" else [])
@@ -954,6 +978,9 @@ def main(argv=None):
     args = p.parse_args(argv[:split])
     train_flags = argv[split + 1:]
 
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", args.name) or ".." in args.name:
+        raise InputError(f"study name {args.name!r}: a name, not a path (letters, digits, '_', '-', '.'); it names "
+                         f"studies/<name>/ and results/<name>/ under --dir, which says where they go.")
     results = args.dir / "results" / args.name
     if args.summary:
         if not (results / "study.json").is_file():

@@ -48,11 +48,11 @@ from checks import METHOD_FLAGS, InputError, check_method_flags, command, names,
 from data import (CLASSROOM, SUPERNI, answer_loss, batch_order, collate, encode_examples, fingerprint, list_tasks, load_tasks,
                   task_order)
 from eval import continual_metrics, evaluate, markdown_table
-from files import atomic_write, read_json, write_json
-from hf import DEMO_MODEL, check_checkpoint, choose_dtype, load_model, load_tokenizer
+from files import RUN_CONFIG, TRAINER_STATE, atomic_write, check_record, read_json, read_record, write_json
+from hf import DEMO_MODEL, check_checkpoint, choose_dtype, load_model, load_tokenizer, model_fingerprint
 from model import Transformer
-from runs import (DAMAGED, DAMAGED_RUN, Stop, StopRequests, all_reduce_gradients, check_out, check_same_data, checkpoint_folder,
-                  claim_run_dir, resume_phase, save_checkpoint, setup_distributed)
+from runs import (DAMAGED, DAMAGED_RUN, Stop, StopRequests, all_reduce_gradients, check_out, check_same_data, check_same_model,
+                  check_trainable, checkpoint_folder, claim_run_dir, resume_phase, save_checkpoint, setup_distributed)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -188,8 +188,8 @@ def parse_args(argv=None):
     g.add_argument("--out", help="run directory (default: runs/<method>-<setting>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint with its saved "
                    "config.json (only --device may be given besides)")
-    g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds: deletes what that folder "
-                   "holds, but only in a folder train.py made (it carries a .badit.json marker), never the --model's")
+    g.add_argument("--overwrite", action="store_true", help="replace the run that --out holds: deletes the files train.py "
+                   "wrote there, only in a folder it made (a .badit.json marker), and refuses if the folder holds anything else")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     if args.resume:
@@ -254,6 +254,12 @@ def resumed_args(p, args, argv):
     if not isinstance(saved, dict) or not {"method", "setting", "tasks", "model"} <= set(saved):
         raise InputError(f"{file} is not a train.py configuration (a Hugging Face model's config.json?): --out must be "
                          f"a run directory written by train.py.")
+    check_record(saved, RUN_CONFIG, file, "the run's configuration is damaged: restore it from a copy")
+    later = {"out", "resume", "overwrite", "device", "compile", "help", "order", "angles_every"}  # absent from older runs
+    missing = sorted(a.dest for a in p._actions if a.dest not in later | set(saved))
+    if missing:
+        raise InputError(f"{file} lacks the field(s) {', '.join(missing[:5])}: the run's configuration is damaged (or "
+                         f"was edited); restore it from a copy, or start a new run.")
     return argparse.Namespace(**{"angles_every": None, **saved, "out": args.out, "device": args.device or saved.get("device"),
                                  "compile": args.compile, "resume": True, "overwrite": False})  # the run is where --out says
 
@@ -311,6 +317,11 @@ def regroups_in_phase(args, n_examples: int) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # The training loop
+
+
+# A run is stalled when its gradient is exactly 0 for DEAD_STEPS steps while the loss is above DEAD_LOSS (a trained
+# adapter's gradient is never exactly 0 while there is anything left to learn).
+DEAD_STEPS, DEAD_LOSS = 3, 1e-3
 
 
 # The cost of one more forward + backward call, in padded positions: a split must save more padding than
@@ -412,6 +423,7 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
     if log:  # where this phase starts and how long it is (study.py's progress bar reads it)
         log.write(json.dumps(dict(phase=phase, step=step, total_steps=total)) + "\n")
     stopping = False  # a Ctrl-C seen by any rank, agreed through the all-reduce of the step's stats
+    dead = 0  # consecutive steps with a zero gradient and a loss far from 0
     model.train()
     with StopRequests(rank) as ctrl_c, log or contextlib.nullcontext():
         while epoch < args.epochs:
@@ -426,6 +438,14 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                     raise Stop(f"non-finite loss ({out['loss']}) at step {step + 1} (epoch {epoch + 1}, batch {b}): "
                                f"training stopped; the last good checkpoint is kept in {ckpt} (if an epoch had "
                                f"finished). Lower --lr, or check the data and --dtype.", exit_code=1)
+                # a run whose updates blew the adapter up: the loss stays where it is, its gradient is exactly 0
+                dead = dead + 1 if out["grad_norm"] == 0 and out["loss"] > DEAD_LOSS else 0
+                if dead == DEAD_STEPS:
+                    check_trainable(model, ckpt, f"at step {step + 1}")
+                    raise Stop(f"training has stalled at step {step + 1}: the gradient is exactly 0 for {DEAD_STEPS} steps "
+                               f"while the loss is {out['loss']:.3f}, so nothing can be learned any more (the updates "
+                               f"saturated the model). Training stopped; the last good checkpoint is kept in {ckpt} (if an "
+                               f"epoch had finished). Lower --lr.", exit_code=1)
                 stopping = out["stopping"]
                 step += 1
                 lr = scheduler.get_last_lr()[0]
@@ -443,11 +463,13 @@ def train_phase(model, examples, args, run_dir: Path, rank: int, world: int, pha
                 if regroup_due(args, epoch, step, steps_per_epoch, last):
                     do_regroup(model, optimizer, args, world, log, phase, epoch, step)
                 if stopping and not last:
+                    check_trainable(model, ckpt, f"at step {step}")
                     save_checkpoint(model, optimizer, scheduler, dict(phase=phase, epoch=epoch, batch=b + 1, step=step), ckpt, rank, world)
                     raise Stop(f"interrupted: checkpoint saved in {ckpt}; continue with "
                                f"`python train.py --out {run_dir} --resume`.", exit_code=130)
             bar.close()
             epoch, first_batch = epoch + 1, 0
+            check_trainable(model, ckpt, f"after epoch {epoch}")  # never checkpoint an adapter that has blown up
             save_checkpoint(model, optimizer, scheduler, dict(phase=phase, epoch=epoch, batch=0, step=step), ckpt, rank, world)
             if epoch in keep_epochs and rank == 0:
                 shutil.rmtree(run_dir / f"epoch_{epoch}", ignore_errors=True)
@@ -629,11 +651,17 @@ def prepare(args):
         print(f"note: this {args.method} run never regroups ({args.epochs} epoch(s); regrouping follows METHOD.md section 5's "
               f"schedule{f', every {args.regroup_every} steps until {args.regroup_until:g} of training' if args.regroup_every else ''}): "
               f"it is badit-noregroup under another name.")
-    data = {"train": fingerprint(train), "test": fingerprint(test)}
+    longest = max((len(e.prompt_ids) for e in test), default=0)
+    if test and model_args.max_positions and longest + args.max_new_tokens > model_args.max_positions:
+        raise InputError(f"the evaluation would decode past the model's positions: a test prompt of {longest} tokens and "
+                         f"--max-new-tokens {args.max_new_tokens} exceed max_position_embeddings "
+                         f"({model_args.max_positions}); lower --max-len or --max-new-tokens.")
+    data, model = {"train": fingerprint(train), "test": fingerprint(test)}, model_fingerprint(args.model)
     if args.resume:
         check_same_data(args, data)
+        check_same_model(args, model)
     else:
-        args.data_fingerprint, args.task_ids = data, list(args.tasks)
+        args.data_fingerprint, args.model_fingerprint, args.task_ids = data, model, list(args.tasks)
     return tok, train, test
 
 
@@ -720,7 +748,10 @@ def train_continual(model, tok, args, train, test, run_dir, rank, world):
     record = read_json(file, DAMAGED_RUN) if args.resume and file.is_file() else {"order": order, "rougeL": [], "exact_match": []}
     ckpt = run_dir / "checkpoint"
     folder = checkpoint_folder(ckpt) if args.resume else None
-    first = read_json(folder / "trainer.json", DAMAGED)["phase"] if folder else 0
+    first = read_record(folder / "trainer.json", TRAINER_STATE, DAMAGED)["phase"] if folder else 0
+    if not 0 <= first < len(order):
+        raise InputError(f"{folder / 'trainer.json'}: phase {first + 1} is not a task of this run's {len(order)}: it is "
+                         f"not this run's checkpoint. Restore the run directory from a copy, or start again with --overwrite.")
     attach_adapters(model, args, ckpt if args.resume else None, rank=rank)
     for j, task in enumerate(order):
         if j < first:

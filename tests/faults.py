@@ -5,6 +5,7 @@
 FAULT:
     interrupt@N   every rank sends itself SIGINT (a Ctrl-C) during optimizer step N
     diskfull@N    the N-th write of trainer.safetensors fails with "No space left on device"
+    readonly@N    the N-th write of trainer.safetensors fails as safetensors fails in a read-only folder
     disagree      rank 1 clusters a perturbed regroup signal, as a nondeterministic kernel might
     ranks         every rank also writes its final adapter to <out>/rank<R>.safetensors
 """
@@ -46,6 +47,19 @@ def inject(fault: str):
             calls.append(1)
             if len(calls) == int(n):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+            return original(tensors, file)
+
+        runs.save_file = save_file
+    elif kind == "readonly":  # what safetensors itself raises when the folder is read-only (not an OSError)
+        from safetensors import SafetensorError
+
+        original = runs.save_file
+
+        def save_file(tensors, file):
+            calls.append(1)
+            if len(calls) == int(n):
+                raise SafetensorError('Error while serializing: IoError(Os { code: 30, kind: ReadOnlyFilesystem, '
+                                      'message: "Read-only file system" })')
             return original(tensors, file)
 
         runs.save_file = save_file

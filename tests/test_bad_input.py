@@ -285,13 +285,15 @@ def test_a_copied_run_resumes_in_its_own_folder(tiny_trainable, tmp_path):
     assert json.loads((tmp_path / "copy" / "config.json").read_text())["out"] == str(tmp_path / "source")  # as saved
 
 
-def test_a_failed_checkpoint_write_keeps_the_previous_one(tiny_trainable, tmp_path):
+@pytest.mark.parametrize("fault, message", [("diskfull", "No space left on device (ENOSPC); free disk space"),
+                                            ("readonly", "Read-only file system")])
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tiny_trainable, tmp_path, fault, message):
     argv = ["--model", tiny_trainable, *FAST, "--epochs", "3", "--method", "badit"]
     full = run_cli("train.py", "--out", tmp_path / "full", *argv)
     assert full.returncode == 0, full.stderr
-    failed = run_cli("tests/faults.py", "diskfull@2", "--out", tmp_path / "run", *argv)  # the epoch 2 checkpoint
+    failed = run_cli("tests/faults.py", f"{fault}@2", "--out", tmp_path / "run", *argv)  # the epoch 2 checkpoint
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
-    assert "could not write the checkpoint ([Errno 28] No space left on device" in failed.stderr
+    assert "could not write the checkpoint (" in failed.stderr and message in failed.stderr
     assert "the previous checkpoint in" in failed.stderr and "is intact" in failed.stderr
     assert json.loads((tmp_path / "run" / "checkpoint" / "trainer.json").read_text())["epoch"] == 1
     assert not (tmp_path / "run" / "checkpoint.new").exists()
@@ -347,15 +349,21 @@ def test_overwrite_deletes_only_a_run_train_py_made(tiny_trainable, tmp_path):
         assert tree(out) == before  # nothing deleted, nothing written
     before = tree(model)
     result = run_cli("train.py", *argv, "--model", model, "--out", model)
-    assert result.returncode == 2 and "holds the model in use" in result.stderr, result.stderr
+    assert result.returncode == 2 and f"is --model {model}" in result.stderr, result.stderr
     result = run_cli("train.py", *argv, "--model", model, "--out", tmp_path)  # a folder above the model
-    assert result.returncode == 2 and "holds the model in use" in result.stderr, result.stderr
+    assert result.returncode == 2 and f"holds --model {model}" in result.stderr, result.stderr
     assert tree(model) == before
     run = tmp_path / "run"
     assert run_cli("train.py", *argv, "--out", run).returncode == 0
-    (run / "stale.txt").write_text("from the first run")
+    (run / "notes.txt").write_text("the user's, in train.py's own run")
+    before = tree(run)
+    result = run_cli("train.py", *argv, "--out", run)
+    assert result.returncode == 2 and "holds files that train.py did not write (notes.txt)" in result.stderr, result.stderr
+    assert tree(run) == before  # nothing deleted
+    (run / "notes.txt").unlink()
+    (run / "metrics_test.json.a1b2c3d4").write_text("{")  # an atomic write's temporary file, left by a kill
     assert run_cli("train.py", *argv, "--out", run).returncode == 0  # train.py's own run: replaced
-    assert not (run / "stale.txt").exists() and files.kind_of(run) == "run"
+    assert not (run / "metrics_test.json.a1b2c3d4").exists() and files.kind_of(run) == "run"
 
 
 def test_the_prepare_script_replaces_only_a_folder_it_prepared(tmp_path):
@@ -385,7 +393,7 @@ def test_folders_of_other_kinds_are_refused_by_every_command(tiny_trainable, tmp
     study_dir = tmp_path / "home"
     (study_dir / "studies" / "g").mkdir(parents=True)
     (study_dir / "studies" / "g" / "notes.txt").write_text("mine")
-    assert "holds files that study.py did not write" in refused(capsys, study.main, [
+    assert "holds files that study.py did not mark as a study's" in refused(capsys, study.main, [
         "g", "--dir", str(study_dir), "--methods", "lora", "--seeds", "0", "--", "--model", str(tiny_trainable), *FAST[:-6]])
     assert (user / "notes.txt").read_text() == "mine" and (study_dir / "studies" / "g" / "notes.txt").read_text() == "mine"
 
