@@ -584,6 +584,15 @@ def summarise(results: Path) -> dict:
                 seeds = set(r["seeds"]) & set(out["rows"][other]["seeds"])
                 r[key] = {"pairs": len(diffs), "seeds": len(seeds), "mean_difference": float(np.mean(diffs)),
                           "p": paired_permutation_test(diffs)}
+        # the single-task runs against the reference's and badit's: the head start of a short training (colla's baseline)
+        for other in dict.fromkeys([study["reference"], "badit"]):
+            diffs = [a - b for a, b in paired(trained, row, other, tasks, "single")] if row not in (other, study["reference"]) else []
+            if diffs:
+                seeds = set.intersection(*({c["seed"] for c in trained if c["setting"] == "single" and row_of(c) == name}
+                                           for name in (row, other)))
+                r.setdefault("single_against", {})[other] = {
+                    "pairs": len(diffs), "seeds": len(seeds), "mean_difference": float(np.mean(diffs)),
+                    "p": paired_permutation_test(diffs)}
     continual = [c for c in trained if c["setting"] == "continual" and "continual" in c]
     single = {(row_of(c), c["seed"]): c for c in trained if c["setting"] == "single"}
     out["continual"] = {continual_label(c): continual_summary(c, single.get((row_of(c), c["seed"]))) for c in continual}
@@ -600,10 +609,10 @@ def summarise(results: Path) -> dict:
     return out
 
 
-def paired(trained, row, reference, tasks):
-    """(score, reference score) pairs over seeds x tasks: the same seed, the same task."""
+def paired(trained, row, reference, tasks, setting="mtl"):
+    """(score, reference score) pairs over seeds x tasks: the same seed, the same task (joint runs, or single-task)."""
     ours, theirs = ({(c["seed"], t): c["metrics_test"]["per_task"][t]["rougeL"] for c in trained
-                     if row_of(c) == name and c["setting"] == "mtl" for t in tasks if t in c["metrics_test"]["per_task"]}
+                     if row_of(c) == name and c["setting"] == setting for t in tasks if t in c["metrics_test"]["per_task"]}
                     for name in (row, reference))
     return [(ours[k], theirs[k]) for k in sorted(ours) if k in theirs]
 
@@ -738,6 +747,15 @@ def joint_lines(s: dict) -> list[str]:
             method = rows[h]["method"]
             lines.append(paired_row(h, rows[h]["against_method"], method) +
                          f" {quarters(rows[method])} -> {quarters(rows[h])} |")
+    singles = [h for h in heads if rows[h].get("single_against")]
+    if singles:
+        lines += ["", "## Single-task runs (each task trained alone), paired over seeds x tasks", "",
+                  "The score of each task trained alone (colla's baseline, METHOD.md section 8), against the same task "
+                  "trained alone by the other method at the same seed: how fast a method learns from a short training.", "",
+                  "| single-task runs | pairs | mean difference | p | reading |", "|---|---|---|---|---|"]
+        for h in singles:
+            for other, a in rows[h]["single_against"].items():
+                lines.append(paired_row(f"{h} against {other}", a, other))
     regrouped = {h: r["regroups"] for h, r in rows.items() if r.get("regroups")}
     if regrouped:
         lines += ["", "## Regroup diagnostics (METHOD.md section 5), mean over seeds", "",

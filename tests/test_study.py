@@ -129,6 +129,14 @@ def test_the_summary_equals_a_direct_computation(tmp_path):
     assert against["seeds"] == 2 and s["rows"]["badit"]["against_reference"]["seeds"] == 3
     mean, std = np.mean([m["rougeL"] for m in (read(f"badit-s{seed}") for seed in (0, 1, 2))]), None
     assert f"**{mean:.1f} ± " in text and "colla" in text
+    # the single-task runs against the reference's, task by task at the same seed (the reference is not tested against itself)
+    diffs = [read(f"badit-single-s{seed}")["per_task"][t]["rougeL"] - read(f"lora-single-s{seed}")["per_task"][t]["rougeL"]
+             for seed in (0, 1, 2) for t in ("a", "b")]
+    single_against = s["rows"]["badit"]["single_against"]["lora"]
+    assert single_against["pairs"] == 6 and single_against["seeds"] == 3
+    assert single_against["mean_difference"] == pytest.approx(np.mean(diffs))
+    assert single_against["p"] == pytest.approx(study.paired_permutation_test(diffs))
+    assert "single_against" not in s["rows"]["lora"] and f"| badit against lora | 6 | {np.mean(diffs):+.2f} |" in text
 
 
 def test_continual_rows_over_orders_equal_a_direct_computation(tmp_path):
