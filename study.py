@@ -859,6 +859,10 @@ def write_summary(name: str, results: Path) -> str:
     return text
 
 
+def seeds_label(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def plots(s: dict, results: Path):
     """The pictures of a summary (eval.maybe_plot: only when matplotlib is installed): scores.png (each run's average
     as a point, the mean and spread of its seeds, the reference's mean marked), angles.png (regroup diagnostics),
@@ -880,7 +884,7 @@ def plots(s: dict, results: Path):
             ax.axvline(float(np.mean(rows[reference]["average"])), color="tab:red", linestyle="--", linewidth=1,
                        label=f"{reference} (the reference): mean")
             ax.legend(fontsize=8, loc="lower right")
-        ax.set_yticks(range(len(names)), [f"{h} ({len(rows[h]['average'])} seeds)" for h in names], fontsize=8)
+        ax.set_yticks(range(len(names)), [f"{h} ({seeds_label(len(rows[h]['average']))})" for h in names], fontsize=8)
         ax.set_xlabel("average ROUGE-L (points: seeds; diamond and bar: mean ± standard deviation)")
         ax.grid(axis="x", alpha=0.3)
 
@@ -901,7 +905,7 @@ def plots(s: dict, results: Path):
                 n = min(len(a) for a in per_seed)
                 values = np.array([[e[key] for e in a[:n]] for a in per_seed])  # (seeds, points)
                 steps = [e["step"] for e in per_seed[0][:n]]
-                line, = ax.plot(steps, values.mean(0), label=f"{h} ({len(per_seed)} seeds)")
+                line, = ax.plot(steps, values.mean(0), label=f"{h} ({seeds_label(len(per_seed))})")
                 if len(per_seed) > 1:
                     ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
             for level, text in PAPER_ANGLES[key]:
