@@ -152,8 +152,8 @@ def superni_paper_study() -> dict:
     """The superni study's data and recipe (SUPERNI_RECIPE) with K = 8 and DOG: the paper's headline setting,
     sequential training of lora, gainlora, badit, o-lora and loramoe over orders 1, 2 and 3; then lora, loramoe,
     badit-noregroup and badit at 3 seeds, joint training; the ablation's cells (ablation_cells, with the single-task
-    runs of lora, badit and badit-nobad); badit at K = 6 with DOG (3 seeds, against the superni study's badit
-    cells); and the Figure 4 runs of loramoe and badit at seeds 1 and 2."""
+    runs of lora, badit and badit-nobad); and badit at K = 6 with DOG (3 seeds, against the superni study's badit
+    cells)."""
     cells = [Cell("base", "base", kind="base")]
     # the paper's headline setting first: sequential training over the benchmark's published orders 1 and 2 and a
     # seeded order 3 (25-70 minutes a cell on our CPUs), order by order; the paper's comparison (lora the reference,
@@ -163,11 +163,9 @@ def superni_paper_study() -> dict:
         for order in (1, 2, 3):
             cells += grid(methods, [0], "continual", orders=[order])
     cells += grid(["lora", "loramoe", "badit-noregroup", "badit"], SEEDS)
-    cells += ablation_cells(SUPERNI_ANGLES_EVERY, seeds=SEEDS, figure4=["loramoe", "badit"], figure4_seeds=[0],
+    cells += ablation_cells(SUPERNI_ANGLES_EVERY, seeds=SEEDS, figure4=["loramoe", "badit"],
                             single=["lora", "badit", "badit-nobad"])
     cells += grid(["badit"], SEEDS, "mtl", "K=6", ["--num-experts", "6"])  # after the ablation: not part of its table
-    for seed in (1, 2):  # Figure 4's badit and loramoe at the other seeds, so that they too are read over 3 seeds
-        cells += grid(["loramoe", "badit"], [seed], "mtl", "angles", ["--angles-every", str(SUPERNI_ANGLES_EVERY)])
     return dict(flags=SUPERNI_RECIPE, cells=cells, reference="lora")
 
 
@@ -184,7 +182,7 @@ def angles_flags(every: int, method: str) -> list:
     return ["--angles-every", str(every)] if method in ("loramoe", "badit-noregroup", "badit", "badit-nobad") else []
 
 
-def ablation_cells(every: int, seeds, figure4, figure4_seeds=None, single=()) -> list[Cell]:
+def ablation_cells(every: int, seeds, figure4, single=()) -> list[Cell]:
     """Seed by seed (the single-task runs, then w/o BAD's joint run), so that a study stopped early has whole seeds of
     both ablation questions paired; then w/o BAD's sequential orders and the Figure 4 runs."""
     cells = []
@@ -193,7 +191,7 @@ def ablation_cells(every: int, seeds, figure4, figure4_seeds=None, single=()) ->
         cells += grid(["badit-nobad"], [seed], flags=angles_flags(every, "badit-nobad"))
     cells += grid(["badit-nobad"], [0], "continual", flags=angles_flags(every, "badit-nobad"), orders=[1, 2, 3])
     for m in figure4:
-        cells += grid([m], figure4_seeds or seeds, "mtl", "angles", angles_flags(every, m))
+        cells += grid([m], seeds, "mtl", "angles", angles_flags(every, m))
     return cells
 
 
