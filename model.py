@@ -32,7 +32,7 @@ from checks import InputError
 
 # torch's CPU sin, cos, exp, log, sqrt, tanh, ... call MKL's vector math library. The first of these calls in a
 # process, when torch splits it over threads, now and then comes back about 1e-4 off on the main thread's share
-# (torch 2.13.0+cpu: in 1 process in 10 to 1 in 40, here the first forward's rotary cos, so a resumed run drifted
+# (torch 2.13.0+cpu: in 2 % to 15 % of processes; here the first forward's rotary cos, so a resumed run drifted
 # from an uninterrupted one; later calls are exact). One call on one thread first, at import, leaves every later
 # call exact, so that seeded runs repeat bit for bit (a resumed run equals an uninterrupted one: tests/test_bad_input.py).
 torch.zeros(1).cos()
